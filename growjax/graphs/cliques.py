@@ -365,29 +365,33 @@ class CliqueIndex:
         # stays linear in the cliques of u: at most _FEW_COMMON id-set intersections.
         ids = set().union(*[ids & of[w] for w in common])
       cands = set(map(frozenset.intersection, map(cliques.__getitem__, ids), repeat(nv)))
+    su, sv, of_u, of_v = frozenset((u,)), frozenset((v,)), of[u], of[v]
     for s in cands:
-      k = s | {v}
       i = id_of.get(s)
       if i is None:
-        # C ⊄ N[v]: C stays. K is maximal iff no common neighbour of u and v outside K is
-        # adjacent to all of K \ {u, v} (intersecting with N(u) too is harmless: ext ⊆ N(u)).
-        ext = common - s
-        for w in s:
-          if not ext:
-            break
-          ext &= adj[w]
-        if ext:
+        # C ⊄ N[v]: C stays. K is maximal iff no common neighbour of u and v is adjacent to all
+        # of K \ {u, v} (core vertices drop out by themselves: no vertex is its own neighbour;
+        # intersecting with N(u) too is harmless as common ⊆ N(u)).
+        if common if len(s) == 1 else not _no_common_neighbour(adj, s, common):
           continue  # not maximal: its maximal superset comes from another clique of u
-        j = id_of.get(k - {u})  # K \ {u}: a clique of v inside N[u] grows into K
+        k = s | sv
+        j = id_of.get(k - su)  # K \ {u}: a clique of v inside N[u] grows into K (same id)
         if j is None:
           self._add(k)
         else:
-          self._grow(j, u, k)
+          del id_of[cliques[j]]
+          cliques[j] = k
+          id_of[k] = j
+          of_u.add(j)
       else:
-        # s == C ⊆ N[v]: C grows into K = C ∪ {v}, which is maximal (an extension of K would
-        # extend C in G), and absorbs K \ {u} if that was a clique of v.
-        self._grow(i, v, k)
-        j = id_of.get(k - {u})
+        # s == C ⊆ N[v]: C grows into K = C ∪ {v} under the same id (K is maximal: anything
+        # extending K would extend C in G) and absorbs K \ {u} if that was a clique of v.
+        k = s | sv
+        del id_of[s]
+        cliques[i] = k
+        id_of[k] = i
+        of_v.add(i)
+        j = id_of.get(k - su)
         if j is not None:
           self._remove(j)
     return True
@@ -443,15 +447,9 @@ class CliqueIndex:
     for i in both:
       c = cliques[i]
       self._remove(i)
-      for keep, drop in ((v, u), (u, v)):
-        part = c - {drop}
-        ext = adj[keep] - c
-        for w in part:
-          if not ext:
-            break
-          if w != keep:
-            ext &= adj[w]
-        if not ext:
+      for drop in (u, v):
+        part = c - {drop}  # maximal unless a vertex (not `drop`: uv is gone) extends it
+        if _no_common_neighbour(adj, part):
           self._add(part)
     return True
 
@@ -511,13 +509,7 @@ class CliqueIndex:
       part = c - {v}
       if not part:
         continue
-      it = iter(part)
-      ext = adj[next(it)] - c
-      for w in it:
-        if not ext:
-          break
-        ext &= adj[w]
-      if not ext:
+      if _no_common_neighbour(adj, part):
         self._add(part)
     del self._of[v]
 
@@ -569,6 +561,25 @@ class CliqueIndex:
   def __repr__(self) -> str:
     return (f"CliqueIndex({self.num_vertices} vertices, {self.num_edges} edges, "
             f"{self.num_cliques} maximal cliques)")
+
+
+def _no_common_neighbour(adj: Mapping[Vertex, set], members: Iterable[Vertex],
+                         pool: set | None = None) -> bool:
+  """True iff no vertex (of ``pool``, if given) is adjacent to every vertex of ``members``.
+
+  For a clique this is maximality (members drop out of the intersection by themselves: no vertex
+  is its own neighbour). Starting from the smallest neighbourhood bounds the cost by the smallest
+  degree among ``members`` (or ``len(pool)``) times the number of members, never by graph size.
+  """
+  nbrs = [adj[w] for w in members]
+  first = min(nbrs, key=len)
+  ext = first & pool if pool is not None else set(first)
+  for nw in nbrs:
+    if not ext:
+      return True
+    if nw is not first:
+      ext &= nw
+  return not ext
 
 
 def _peek(s: set) -> str:
