@@ -571,15 +571,13 @@ def _no_common_neighbour(adj: Mapping[Vertex, set], members: Iterable[Vertex],
   is its own neighbour). Starting from the smallest neighbourhood bounds the cost by the smallest
   degree among ``members`` (or ``len(pool)``) times the number of members, never by graph size.
   """
-  nbrs = [adj[w] for w in members]
+  nbrs = list(map(adj.__getitem__, members))
   first = min(nbrs, key=len)
-  ext = first & pool if pool is not None else set(first)
-  for nw in nbrs:
-    if not ext:
-      return True
-    if nw is not first:
-      ext &= nw
-  return not ext
+  # One C-level call: set.intersection folds left, each step iterating the smaller operand, so
+  # once the running intersection is empty the remaining steps are O(1).
+  if pool is None:
+    return not first.intersection(*nbrs)
+  return not pool.intersection(first, *nbrs)
 
 
 def _peek(s: set) -> str:
