@@ -1,0 +1,218 @@
+"""Function-preserving network morphisms as pure parameter-tree transforms.
+
+Every morphism maps ``(model, variables) -> (model', variables', record)``: the model (a flax
+module, which is the config) gets the new width or depth, the variables get the new units
+appended at the end of the unit axis, and ``record`` (a JSON-serialisable dict) says what changed
+for the growth history (Lawton, Galstyan & Ver Steeg 2024, arXiv:2411.05855, §1 of METHODS.md):
+
+* ``add_units``: k new units at a site with given fan-in / fan-out; zero fan-out preserves the
+  function exactly.
+* ``split_units``: Net2Net split (Chen, Goodfellow & Shlens 2016): duplicate units' fan-in and
+  share their fan-out between the copies (``ratio`` and ``1 - ratio``).
+* ``insert_layer``: identity-layer insertion (MLP/ConvNet with ReLU-family activations) or
+  zero-gated residual-block insertion (ResNet, pre-LN transformer), by the model's own rule.
+
+A grown tree is always built the same way: initialise the grown model, ``transplant`` the old
+variables into it (old units sit in the leading corner), then set the new slices. The record's
+``renames`` (depth morphisms shift layer names) must be passed to ``transplant`` when carrying
+optimizer state across the morphism (``growjax.train`` does this).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from growjax import tree
+from growjax.nets.sites import IN, OUT, Site, set_units, slice_units, with_field
+
+Array = jax.Array
+
+
+def get_site(model: nn.Module, name: str) -> Site:
+  """The growth site ``name`` of ``model``; a KeyError lists the sites that exist."""
+  sites = model.growth_sites()
+  if name not in sites:
+    raise KeyError(f"Unknown growth site {name!r} of {type(model).__name__}; available sites: "
+                   f"{sorted(sites)}.")
+  return sites[name]
+
+
+def widen_field(model: nn.Module, field: tuple[str, int | None], new: int) -> nn.Module:
+  """``model`` with the width at ``field`` (``(attribute, index)``) set to ``new``."""
+  attr, index = field
+  model = model.concrete()
+  if index is None:
+    return model.clone(**{attr: new})
+  return model.clone(**{attr: with_field(model.field_values(attr), index, new)})
+
+
+def check_site_shapes(variables, site: Site) -> None:
+  """Every leaf of ``site`` must exist and have ``site.width`` units on its unit axis."""
+  flat = tree.flatten(variables)
+  for leaf in site.leaves:
+    if leaf.path not in flat:
+      raise tree._unknown_path_error(leaf.path, flat)  # pylint: disable=protected-access
+    shape = np.shape(flat[leaf.path])
+    if shape[leaf.axis] != site.width:
+      raise ValueError(
+          f"Site {site.name!r}: leaf {leaf.path!r} has shape {shape} with {shape[leaf.axis]} "
+          f"units on axis {leaf.axis}, but the model config says width {site.width}. The "
+          f"variables do not belong to this model config.")
+
+
+def _check_slices(given: Mapping[str, Array] | None, site: Site, side: str, k: int,
+                  flat: Mapping[str, Array], what: str) -> dict[str, Array]:
+  if given is None:
+    return {}
+  leaves = {l.name: l for l in site.leaves if l.side == side}
+  unknown = sorted(set(given) - set(leaves))
+  if unknown:
+    raise KeyError(f"{what} for site {site.name!r} names unknown leaves {unknown}; this site's "
+                   f"{what} leaves are {sorted(leaves)}.")
+  out = {}
+  for name, value in given.items():
+    leaf = leaves[name]
+    want = list(np.shape(flat[leaf.path]))
+    want[leaf.axis] = k
+    if tuple(np.shape(value)) != tuple(want):
+      raise ValueError(f"{what}[{name!r}] for site {site.name!r} must have shape {tuple(want)} "
+                       f"(leaf {leaf.path!r} with {k} units on axis {leaf.axis}), got "
+                       f"{tuple(np.shape(value))}.")
+    out[name] = value
+  return out
+
+
+def _set_leaves(variables, updates: Mapping[str, Array]):
+  flat = tree.flatten(variables)
+  flat.update(updates)
+  return tree.unflatten(flat)
+
+
+def _record(op: str, site: Site | None, before, after, **extra) -> dict[str, Any]:
+  rec = {"op": op, "params_before": tree.count(before.get("params", {})),
+         "params_after": tree.count(after.get("params", {}))}
+  if site is not None:
+    rec["site"] = site.name
+  rec.update(extra)
+  return rec
+
+
+def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
+              fan_in: Mapping[str, Array] | None = None,
+              fan_out: Mapping[str, Array] | None = None):
+  """Appends ``k`` units at ``site``.
+
+  Args:
+    model: a growjax model (flax module; its fields are the config).
+    variables: its variables (``{"params": ..., "batch_stats": ...}``).
+    site: growth site name (``model.growth_sites()``).
+    k: number of units to add.
+    rng: PRNG key for the fresh entries (the model's own initialisers).
+    fan_in: optional ``{leaf name: new slice}`` for IN leaves (e.g. a learned ``Ψ``), each shaped
+      like the leaf with ``k`` on its unit axis.
+    fan_out: optional ``{leaf name: new slice}`` for OUT leaves (a learned ``Ω``). Without it the
+      fan-out is zero and the function is preserved exactly.
+
+  Returns:
+    ``(model', variables', record)``.
+  """
+  if not isinstance(k, (int, np.integer)) or k <= 0:
+    raise ValueError(f"add_units: k must be a positive integer, got {k!r}.")
+  s = get_site(model, site)
+  check_site_shapes(variables, s)
+  flat_old = tree.flatten(variables)
+  fan_in = _check_slices(fan_in, s, IN, int(k), flat_old, "fan_in")
+  fan_out = _check_slices(fan_out, s, OUT, int(k), flat_old, "fan_out")
+  new_model = widen_field(model, s.field, s.width + int(k))
+  grown = tree.transplant(new_model.init_variables(rng), variables)
+  flat = tree.flatten(grown)
+  updates = {}
+  for leaf in s.leaves:
+    given = (fan_in if leaf.side == IN else fan_out).get(leaf.name)
+    x = flat[leaf.path]
+    if given is not None:
+      new = given
+    elif leaf.add == "zero":
+      new = jnp.zeros_like(slice_units(x, leaf.axis, s.width, s.width + k))
+    elif leaf.add == "mean":
+      old = slice_units(x, leaf.axis, 0, s.width)
+      new = jnp.repeat(jnp.mean(old, axis=leaf.axis, keepdims=True), k, axis=leaf.axis)
+    elif leaf.add == "fresh":
+      continue
+    else:
+      raise ValueError(f"Leaf {leaf.path!r} has unknown add rule {leaf.add!r}.")
+    updates[leaf.path] = set_units(x, leaf.axis, s.width, new)
+  grown = _set_leaves(grown, updates)
+  if s.preserve is not None:
+    new_model, grown = s.preserve(new_model, grown, s.width, int(k))
+  rec = _record("add_units", s, variables, grown, k=int(k), old_width=s.width,
+                new_width=s.width + int(k), learned_fan_out=bool(fan_out))
+  return new_model, grown, rec
+
+
+def split_units(model: nn.Module, variables, site: str, units: Sequence[int], *,
+                ratio: float = 0.5, rng: Array | None = None):
+  """Net2Net split: appends a copy of each unit in ``units``, sharing its fan-out.
+
+  The copy gets the unit's fan-in and per-unit entries; the original keeps ``ratio`` of its
+  fan-out and the copy ``1 - ratio`` (``ratio != 0.5`` breaks the copies' gradient symmetry
+  while still preserving the function exactly).
+
+  Returns:
+    ``(model', variables', record)``.
+  """
+  s = get_site(model, site)
+  if not s.splittable:
+    raise ValueError(f"Site {site!r} of {type(model).__name__} cannot be split exactly (its "
+                     "units are coupled through a normalisation over all units); use add_units.")
+  units = [int(u) for u in units]
+  if not units or len(set(units)) != len(units) or min(units) < 0 or max(units) >= s.width:
+    raise ValueError(f"split_units: units must be distinct indices in [0, {s.width}), got "
+                     f"{units}.")
+  check_site_shapes(variables, s)
+  k = len(units)
+  new_model = widen_field(model, s.field, s.width + k)
+  rng = jax.random.key(0) if rng is None else rng  # fresh entries are all overwritten below
+  grown = tree.transplant(new_model.init_variables(rng), variables)
+  flat_old = tree.flatten(variables)
+  flat = tree.flatten(grown)
+  idx = jnp.asarray(units)
+  updates = {}
+  for leaf in s.leaves:
+    old = flat_old[leaf.path]
+    copy = jnp.take(old, idx, axis=leaf.axis)
+    x = flat[leaf.path]
+    if leaf.side == OUT:
+      shape = [1] * old.ndim
+      shape[leaf.axis] = s.width
+      keep = jnp.ones((s.width,), old.dtype).at[idx].set(ratio).reshape(shape)
+      x = set_units(x, leaf.axis, 0, old * keep)
+      copy = copy * (1.0 - ratio)
+    updates[leaf.path] = set_units(x, leaf.axis, s.width, copy)
+  grown = _set_leaves(grown, updates)
+  rec = _record("split_units", s, variables, grown, k=k, units=units, ratio=float(ratio),
+                old_width=s.width, new_width=s.width + k)
+  return new_model, grown, rec
+
+
+def insert_layer(model: nn.Module, variables, position: int, *, rng: Array):
+  """Inserts a function-preserving layer (identity layer or zero-gated residual block).
+
+  Returns:
+    ``(model', variables', record)``; ``record["renames"]`` maps old layer names to new ones.
+  """
+  positions = model.depth_positions()
+  if position not in positions:
+    raise ValueError(f"insert_layer: {type(model).__name__} can insert a layer at positions "
+                     f"{list(positions)}, got {position!r}.")
+  new_model, renames = model.deepen(position)
+  grown = tree.transplant(new_model.init_variables(rng), variables, renames)
+  grown = new_model.identity_layer(grown, position)
+  rec = _record("insert_layer", None, variables, grown, position=int(position),
+                renames=dict(renames))
+  return new_model, grown, rec
