@@ -1,0 +1,19 @@
+"""Variational inference: Gaussian DEFs with CAVI / block / forest-mixture updates.
+
+Lawton, Ver Steeg & Galstyan (UAI 2018), arXiv:1805.06951.
+"""
+
+from growjax.vi.gaussian_def import (
+    CRITERIA, METHODS, MIXTURES, DEFSolver, DEFState, ExactPosterior, GaussianDEF, SolveInfo,
+    block_cavi, color_blocks, dense_weight, elbo, exact_posterior, fm_bound, fm_curvature,
+    forest_likeness, forest_mixture, gaussian_def, make_solver, mean_gradient, mixture_weights,
+    parallel_cavi, precision_diag, residuals, sequential_cavi, solve, state_elbo, to_dense,
+    to_sparse)
+
+__all__ = [
+    "CRITERIA", "METHODS", "MIXTURES", "DEFSolver", "DEFState", "ExactPosterior", "GaussianDEF",
+    "SolveInfo", "block_cavi", "color_blocks", "dense_weight", "elbo", "exact_posterior",
+    "fm_bound", "fm_curvature", "forest_likeness", "forest_mixture", "gaussian_def",
+    "make_solver", "mean_gradient", "mixture_weights", "parallel_cavi", "precision_diag",
+    "residuals", "sequential_cavi", "solve", "state_elbo", "to_dense", "to_sparse",
+]

@@ -1,0 +1,423 @@
+"""Gaussian DEFs: exact posterior, CAVI variants and the forest mixture bound (arXiv:1805.06951).
+
+Oracles are independent of the library: the posterior comes from conditioning the joint Gaussian
+of (z, x) built by ancestral propagation of the noises, the ELBO from ``log p(x) - KL(q || post)``
+with scipy, and every method's iterate from a naive dense numpy loop on the precision matrix.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from growjax import vi
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracles.
+
+
+def random_model(rng, sizes, *, scale=0.8, zero_frac=0.3, sparse=False):
+  """A random Gaussian DEF with layer sizes (n_0, ..., n_L) and some zero weights."""
+  weights = []
+  for l in range(len(sizes) - 1):
+    w = rng.normal(size=(sizes[l], sizes[l + 1])) * scale
+    w[rng.random(w.shape) < zero_frac] = 0.0
+    weights.append(w)
+  variances = [rng.uniform(0.3, 2.0, size=n) for n in sizes]
+  biases = [rng.normal(size=n) for n in sizes]
+  x = rng.normal(size=sizes[0])
+  model = vi.gaussian_def(x, weights, biases=biases, variances=variances, dtype=jnp.float64)
+  return vi.to_sparse(model) if sparse else model
+
+
+def dense_layers(model):
+  return [np.asarray(vi.dense_weight(model, l)) for l in range(model.num_layers)]
+
+
+def joint_oracle(model):
+  """Posterior mean/covariance and log p(x) by conditioning the joint Gaussian of (z, x)."""
+  ws = dense_layers(model)
+  sizes = model.sizes
+  s = [np.asarray(v) for v in model.variances]
+  b = [np.asarray(v) for v in model.biases]
+  n_noise = sum(sizes)
+  noise_off = np.concatenate([[0], np.cumsum(sizes)])
+  big_a, mean = [None] * len(sizes), [None] * len(sizes)
+  for l in reversed(range(len(sizes))):  # top layer first: y_l = A_l xi + c_l
+    own = np.zeros((sizes[l], n_noise))
+    own[:, noise_off[l]:noise_off[l + 1]] = np.diag(np.sqrt(s[l]))
+    if l == len(sizes) - 1:
+      big_a[l], mean[l] = own, b[l]
+    else:
+      big_a[l], mean[l] = ws[l] @ big_a[l + 1] + own, ws[l] @ mean[l + 1] + b[l]
+  a_z, c_z = np.concatenate(big_a[1:]), np.concatenate(mean[1:])
+  a_x, c_x = big_a[0], mean[0]
+  szz, sxx, szx = a_z @ a_z.T, a_x @ a_x.T, a_z @ a_x.T
+  x = np.asarray(model.x)
+  gain = np.linalg.solve(sxx, szx.T).T
+  post_mean = c_z + gain @ (x - c_x)
+  post_cov = szz - gain @ szx.T
+  log_px = stats.multivariate_normal(c_x, sxx).logpdf(x)
+  return post_mean, post_cov, log_px
+
+
+def split(model, v):
+  off = np.concatenate([[0], np.cumsum(model.sizes[1:])])
+  return [v[off[i]:off[i + 1]] for i in range(model.num_layers)]
+
+
+def flat(parts):
+  return np.concatenate([np.asarray(p) for p in parts])
+
+
+def gauss_seidel(lam, h, m, order):
+  """Naive CAVI: maximise the quadratic ELBO over one coordinate at a time, in ``order``."""
+  m = m.copy()
+  for i in order:
+    m[i] += (h[i] - lam[i] @ m) / lam[i, i]
+  return m
+
+
+def layer_parallel(lam, h, m, layer_slices, curvature):
+  """Naive layer-wise parallel update: every unit of a layer moves by (h - lam m) / curvature."""
+  m = m.copy()
+  for sl in layer_slices:
+    m[sl] += (h[sl] - lam[sl] @ m) / curvature[sl]
+  return m
+
+
+def fm_curvature_oracle(model, v):
+  """P_i = 1/s_i + sum_c W_ci^2 / (pi_ci s_c), pi_ci = |W_ci| sqrt(v_i) / sum_k |W_ck| sqrt(v_k)."""
+  ws = dense_layers(model)
+  out = []
+  for l in range(1, model.num_layers + 1):
+    w, vv = ws[l - 1], np.asarray(v[l - 1])
+    p = 1.0 / np.asarray(model.variances[l])
+    s_child = np.asarray(model.variances[l - 1])
+    for c in range(w.shape[0]):
+      u = np.abs(w[c]) * np.sqrt(vv)
+      for i in np.flatnonzero(w[c]):
+        p[i] += w[c, i] ** 2 / (u[i] / u.sum()) / s_child[c]
+    out.append(p)
+  return np.concatenate(out)
+
+
+def posterior_precision(model):
+  _, cov, _ = joint_oracle(model)
+  lam = np.linalg.inv(cov)
+  return lam, lam @ joint_oracle(model)[0]
+
+
+def star_model(k, a):
+  """One observed child, k parents of weight 1, prior variance 1, a = w^2 / s_child."""
+  return vi.gaussian_def(np.array([1.0]), [np.ones((1, k))], variances=[1.0 / a, 1.0],
+                         dtype=jnp.float64)
+
+
+def run_steps(solver, model, state, n):
+  def body(st, _):
+    st = solver.step(model, st)
+    return st, (flat_j(st.means), vi.state_elbo(model, st))
+  return jax.lax.scan(body, state, None, length=n)
+
+
+def flat_j(parts):
+  return jnp.concatenate(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact posterior and ELBO.
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_exact_posterior_and_elbo_match_joint_gaussian(sparse):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    model = random_model(rng, (7, 5, 4, 3), sparse=sparse)
+    mean, cov, log_px = joint_oracle(model)
+    ex = vi.exact_posterior(model)
+    np.testing.assert_allclose(flat(ex.means), mean, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(ex.covariance), cov, rtol=1e-8, atol=1e-10)
+    lam = np.linalg.inv(cov)
+    np.testing.assert_allclose(flat(ex.variances), 1.0 / np.diag(lam), rtol=1e-9)
+    np.testing.assert_allclose(flat(vi.precision_diag(model)), np.diag(lam), rtol=1e-9)
+    # ELBO = log p(x) - KL(q || p(z | x)) for an arbitrary mean-field q.
+    m = rng.normal(size=mean.size)
+    v = rng.uniform(0.1, 1.5, size=mean.size)
+    d = m - mean
+    kl = 0.5 * (np.sum(lam.diagonal() * v) + d @ lam @ d - mean.size
+                - np.sum(np.log(v)) - np.linalg.slogdet(lam)[1])
+    got = vi.elbo(model, split(model, m), split(model, v))
+    np.testing.assert_allclose(float(got), log_px - kl, rtol=1e-10)
+    # The gradient in the means is h - Lam m.
+    np.testing.assert_allclose(flat(vi.mean_gradient(model, split(model, m))),
+                               lam @ (mean - m), rtol=1e-8, atol=1e-10)
+    # The mean-field optimum attains log p(x) - KL of the best factorised Gaussian.
+    best = vi.elbo(model, ex.means, ex.variances)
+    assert float(best) <= log_px and float(best) >= float(got)
+
+
+# ------------------------------------------------------------------------------------------------
+# Each method's iterate against a naive dense loop.
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_one_iteration_of_each_method_matches_naive_dense_loop(sparse):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    model = random_model(rng, (8, 6, 4), sparse=sparse)
+    lam, h = posterior_precision(model)
+    sizes = model.sizes[1:]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    slices = [slice(off[i], off[i + 1]) for i in range(len(sizes))]
+    m0 = rng.normal(size=off[-1])
+    for method in vi.METHODS:
+      solver = vi.make_solver(method, model)
+      state = solver.init(model, means=split(model, m0))
+      new = jax.jit(solver.step)(model, state)
+      if method == "sequential":
+        want = gauss_seidel(lam, h, m0, range(off[-1]))
+      elif method == "block":
+        order = [off[l] + i for l, blocks in enumerate(vi.color_blocks(model))
+                 for row in blocks for i in row if i >= 0]
+        want = gauss_seidel(lam, h, m0, order)
+      elif method == "parallel":
+        want = layer_parallel(lam, h, m0, slices, np.diag(lam))
+      else:
+        v_opt = split(model, 1.0 / np.diag(lam))
+        want = layer_parallel(lam, h, m0, slices, fm_curvature_oracle(model, v_opt))
+      np.testing.assert_allclose(flat(new.means), want, rtol=1e-9, atol=1e-11, err_msg=method)
+      np.testing.assert_allclose(flat(new.variances), 1.0 / np.diag(lam), rtol=1e-10)
+      # The cached residuals stay consistent with the means.
+      for r_got, r_want in zip(new.residuals, vi.residuals(model, new.means)):
+        np.testing.assert_allclose(r_got, r_want, atol=1e-10)
+
+
+def test_color_blocks_are_proper_and_cover_every_unit():
+  rng = np.random.default_rng(2)
+  with jax.enable_x64(True):
+    model = random_model(rng, (30, 20, 10), zero_frac=0.8)
+  ws = dense_layers(model)
+  for l, blocks in enumerate(vi.color_blocks(model)):
+    units = sorted(int(i) for i in blocks.reshape(-1) if i >= 0)
+    assert units == list(range(model.sizes[l + 1]))
+    share_child = (ws[l] != 0).T.astype(int) @ (ws[l] != 0).astype(int)  # co-parent counts
+    for row in blocks:
+      members = [int(i) for i in row if i >= 0]
+      sub = share_child[np.ix_(members, members)]
+      assert np.all(sub[~np.eye(len(members), dtype=bool)] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Convergence to the exact posterior means.
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_all_convergent_methods_reach_exact_posterior_means(sparse):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    model = random_model(rng, (9, 6, 4), scale=0.5, sparse=sparse)
+    mean, cov, _ = joint_oracle(model)
+    lam = np.linalg.inv(cov)
+    # Jacobi converges iff 2 diag(Lam) - Lam restricted to each layer is PD; it is for this model.
+    off = np.concatenate([[0], np.cumsum(model.sizes[1:])])
+    for i in range(model.num_layers):
+      blk = lam[off[i]:off[i + 1], off[i]:off[i + 1]]
+      assert np.linalg.eigvalsh(2 * np.diag(np.diag(blk)) - blk).min() > 0
+    for method in vi.METHODS:
+      solver = vi.make_solver(method, model)
+      run = jax.jit(functools.partial(vi.solve, solver, max_iters=4000, tol=1e-12,
+                                      criterion="means"))
+      state, info = run(model)
+      assert bool(info.converged) and not bool(info.diverged), method
+      np.testing.assert_allclose(flat(state.means), mean, atol=1e-9, err_msg=method)
+      np.testing.assert_allclose(flat(state.variances), 1.0 / np.diag(lam), rtol=1e-10)
+      trace = np.asarray(info.elbo)[:int(info.iterations) + 1]
+      assert np.all(np.diff(trace) >= -1e-10 * np.abs(trace[1:])), method
+
+
+# ------------------------------------------------------------------------------------------------
+# The FM bound: a lower bound, maximised per layer, monotone over 1,000 random instances.
+
+
+def test_fm_bound_is_a_lower_bound_tight_in_the_means_and_maximised_by_the_step():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(4)
+    model = random_model(rng, (8, 5))
+    solver = vi.forest_mixture()
+    m0 = split(model, rng.normal(size=5))
+    state = solver.init(model, means=m0)
+    v = state.variances
+    v_opt = tuple(1.0 / p for p in state.precision)
+    points = rng.normal(size=(50, 5)), rng.uniform(0.1, 2, size=(50, 5))
+    for mixture in vi.MIXTURES:  # the bound lies below the ELBO for any point, anchor, mixture
+      gap = jax.jit(jax.vmap(lambda m, vv: vi.elbo(model, (m,), (vv,)) - vi.fm_bound(
+          model, (m,), (vv,), m0, v_opt, mixture=mixture)))(*points)
+      assert np.all(np.asarray(gap) >= -1e-10)
+    # Tight bias split: at the anchor the bound differs from the ELBO only in variance terms,
+    # which vanish for a forest; here check the mean part via the gradient at the anchor.
+    grad_b = jax.grad(lambda mm: vi.fm_bound(model, (mm,), v, m0, v_opt))(m0[0])
+    np.testing.assert_allclose(grad_b, vi.mean_gradient(model, m0)[0], atol=1e-10)
+    # One FM step lands on the stationary point of the bound anchored at the old means.
+    new = solver.step(model, state)
+    grad_new = jax.grad(lambda mm: vi.fm_bound(model, (mm,), v, m0, v_opt))(new.means[0])
+    np.testing.assert_allclose(grad_new, 0.0, atol=1e-10)
+
+
+def test_fm_objective_never_decreases_over_1000_random_instances():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    sizes = (6, 4, 3)
+    models = [random_model(rng, sizes, scale=rng.uniform(0.3, 3.0), zero_frac=rng.uniform(0, .6))
+              for _ in range(1000)]
+    batch = jax.tree.map(lambda *a: jnp.asarray(np.stack([np.asarray(b) for b in a])), *models)
+    means0 = jnp.asarray(rng.normal(size=(1000, sum(sizes[1:]))) * 3.0)
+    solver = vi.forest_mixture()
+
+    def one(model, m0):
+      state = solver.init(model, means=split(model, m0))
+      v_opt = tuple(1.0 / p for p in state.precision)
+
+      def body(st, _):
+        new = solver.step(model, st)
+        # The bound anchored at the current means, before and after the step.
+        before = vi.fm_bound(model, st.means, v_opt, st.means, v_opt)
+        after = vi.fm_bound(model, new.means, v_opt, st.means, v_opt)
+        return new, (vi.state_elbo(model, new), before, after)
+
+      _, (elbos, before, after) = jax.lax.scan(body, state, None, length=15)
+      return jnp.concatenate([vi.state_elbo(model, state)[None], elbos]), before, after
+
+    elbos, before, after = jax.jit(jax.vmap(one))(batch, means0)
+    elbos, before, after = np.asarray(elbos), np.asarray(before), np.asarray(after)
+    assert np.all(np.isfinite(elbos))
+    assert np.all(np.diff(elbos, axis=1) >= -1e-9 * np.abs(elbos[:, 1:]))
+    assert np.all(after >= before - 1e-9 * np.abs(before))
+    assert np.all(after <= elbos[:, 1:] + 1e-9 * np.abs(elbos[:, 1:]))
+    # ... and it makes real progress, it does not just stand still.
+    assert np.median(elbos[:, -1] - elbos[:, 1]) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Forests.
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fm_solves_a_forest_in_one_iteration(sparse):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(6)
+    n_x, n_z = 12, 5
+    w = np.zeros((n_x, n_z))
+    w[np.arange(n_x), rng.integers(0, n_z, n_x)] = rng.normal(size=n_x) * 2.0
+    model = vi.gaussian_def(rng.normal(size=n_x), [w], variances=[0.3, 1.5],
+                            biases=[0.2, rng.normal(size=n_z)], dtype=jnp.float64)
+    model = vi.to_sparse(model) if sparse else model
+    mean, _, _ = joint_oracle(model)
+    assert float(vi.forest_likeness(model)) == pytest.approx(1.0)
+    solver = vi.forest_mixture()
+    state = solver.step(model, solver.init(model, means=split(model, rng.normal(size=n_z))))
+    np.testing.assert_allclose(flat(state.means), mean, atol=1e-12)
+    assert vi.color_blocks(model)[0].shape[0] == 1  # no co-parents: a single block
+
+
+def test_deep_forest_all_methods_coincide():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(7)
+    sizes = (10, 6, 3)
+    weights = []
+    for l in range(2):
+      w = np.zeros((sizes[l], sizes[l + 1]))
+      w[np.arange(sizes[l]), rng.integers(0, sizes[l + 1], sizes[l])] = rng.normal(size=sizes[l])
+      weights.append(w)
+    model = vi.gaussian_def(rng.normal(size=10), weights, variances=0.5, dtype=jnp.float64)
+    m0 = split(model, rng.normal(size=9))
+    results = {}
+    for method in vi.METHODS:
+      solver = vi.make_solver(method, model)
+      _, (traj, _) = run_steps(solver, model, solver.init(model, means=m0), 5)
+      results[method] = np.asarray(traj)
+    for method in vi.METHODS:
+      np.testing.assert_allclose(results[method], results["sequential"], atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Star model: contraction factors measured from the iterates equal theory.
+
+
+@pytest.mark.parametrize("k,a", [(4, 1.0), (3, 0.5), (5, 0.2), (6, 0.4)])
+def test_star_contraction_factors_equal_theory(k, a):
+  with jax.enable_x64(True):
+    model = star_model(k, a)
+    m0 = split(model, np.random.default_rng(8).normal(size=k))
+    theory = {"parallel": a * (k - 1) / (1 + a), "fm": a * k / (1 + a * k)}
+    for method, want in theory.items():
+      solver = vi.make_solver(method)
+      _, (traj, _) = run_steps(solver, model, solver.init(model, means=m0), 31)
+      # Late enough for the dominant eigenvalue to rule, early enough to stay above roundoff.
+      steps = np.linalg.norm(np.diff(np.asarray(traj), axis=0), axis=1)
+      measured = steps[-1] / steps[-2]
+      assert measured == pytest.approx(want, rel=1e-6), method
+    diverges = (k - 2) * a > 1
+    run = jax.jit(functools.partial(vi.solve, vi.parallel_cavi(), max_iters=500, tol=1e-10))
+    _, info = run(model, state=vi.parallel_cavi().init(model, means=m0))
+    assert bool(info.diverged) == diverges and bool(info.converged) == (not diverges)
+    _, info = jax.jit(functools.partial(vi.solve, vi.forest_mixture(), max_iters=500,
+                                        tol=1e-10))(model)
+    assert bool(info.converged) and not bool(info.diverged)
+    pi = np.asarray(vi.mixture_weights(model, (jnp.ones(k, jnp.float64),))[0])
+    np.testing.assert_allclose(pi, 1.0 / k)
+    assert float(vi.forest_likeness(model)) == pytest.approx(1.0 / k)
+
+
+def test_forest_likeness_orders_models_by_weak_parent_scale():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(9)
+    parents = np.stack([rng.permutation(20)[:4] for _ in range(40)])
+    base = rng.normal(size=(40, 4))
+    scores = []
+    for eps in (0.0, 0.05, 0.2, 1.0):
+      w = base * np.array([1.0, eps, eps, eps])
+      model = vi.gaussian_def(rng.normal(size=40), [w], parents=[parents], num_units=[20],
+                              dtype=jnp.float64)
+      scores.append(float(vi.forest_likeness(model)))
+    assert scores[0] == pytest.approx(1.0)
+    assert all(s0 > s1 for s0, s1 in zip(scores, scores[1:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input_raises_clear_errors():
+  x, w = np.zeros(4), [np.ones((4, 3)), np.ones((3, 2))]
+  with pytest.raises(ValueError, match="variances.*> 0"):
+    vi.gaussian_def(x, w, variances=0.0)
+  with pytest.raises(ValueError, match="variances\\[1\\].*> 0"):
+    vi.gaussian_def(x, w, variances=[1.0, np.array([1.0, -1.0, 1.0]), 1.0])
+  with pytest.raises(ValueError, match="variances.*> 0"):
+    vi.gaussian_def(x, w, variances=[1.0, 1.0, np.nan])
+  with pytest.raises(ValueError, match="do not chain"):
+    vi.gaussian_def(x, [np.ones((4, 3)), np.ones((5, 2))])
+  with pytest.raises(ValueError, match="do not chain"):
+    vi.gaussian_def(x, [np.ones((5, 3))])
+  with pytest.raises(ValueError, match="one entry per layer"):
+    vi.gaussian_def(x, w, variances=[1.0, 1.0])
+  with pytest.raises(ValueError, match="indices must lie"):
+    vi.gaussian_def(x, [np.ones((4, 2))], parents=[np.array([[0, 5]] * 4)], num_units=[3])
+  with pytest.raises(ValueError, match="twice"):
+    vi.gaussian_def(x, [np.ones((4, 2))], parents=[np.array([[1, 1]] * 4)], num_units=[3])
+  with pytest.raises(ValueError, match="num_units"):
+    vi.gaussian_def(x, [np.ones((4, 2))], parents=[np.array([[0, 1]] * 4)])
+  model = vi.gaussian_def(x, w)
+  with pytest.raises(ValueError, match="unknown method 'cavi'.*sequential"):
+    vi.make_solver("cavi", model)
+  with pytest.raises(ValueError, match="unknown mixture"):
+    vi.forest_mixture(mixture="max")
+  with pytest.raises(ValueError, match="unknown criterion"):
+    vi.solve(vi.forest_mixture(), model, criterion="kl")
+  with pytest.raises(ValueError, match="needs the model"):
+    vi.make_solver("block")
