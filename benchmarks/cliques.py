@@ -17,7 +17,8 @@ Two measurements, each a ratio against a baseline timed in the same run, interle
    >= 10^4 maximal cliques (target >= 100x); the pairwise baseline on the same edge stream too.
 
 Usage: python benchmarks/cliques.py [--quick] [--out benchmarks/results/cliques.json]
-(full run ~5 min on the 2-core CPU machine, --quick ~30 s).
+(full run ~10 min on the 2-core CPU machine, --quick ~30 s). Times are CPU time of this
+process (see ``timed``).
 """
 
 from __future__ import annotations
@@ -77,17 +78,22 @@ def multipartite_pair(threes: int, twos: int = 0) -> tuple[nx.Graph, str, str]:
   return g, "u", "v"
 
 
-def timed(fn, *args) -> float:
-  """Times one call with the cyclic GC collected before and paused during it (timeit's rule):
-  a collection pass over the whole heap would otherwise land on random calls."""
-  gc.collect()
+def timed(fn, *args, collect: bool = True) -> float:
+  """CPU seconds of one call (``time.process_time``: the 2 cores are shared with other jobs, whose
+  load would otherwise land in wall-clock timings at random), with the cyclic GC paused during
+  the call and (``collect``) run before it: timeit's rule, as a full-heap GC pass would otherwise
+  land on random calls."""
+  if collect:
+    gc.collect()
+  was_enabled = gc.isenabled()
   gc.disable()
   try:
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn(*args)
-    return time.perf_counter() - t0
+    return time.process_time() - t0
   finally:
-    gc.enable()
+    if was_enabled:
+      gc.enable()
 
 
 def scaling(family: str, quick: bool, reps: int) -> tuple[list[dict], dict]:
@@ -117,6 +123,7 @@ def scaling(family: str, quick: bool, reps: int) -> tuple[list[dict], dict]:
     assert set(check.cliques()) == set(map(frozenset, nx.find_cliques(g))), "wrong cliques"
     row = {"family": family, "k": k, "clique_size": len(next(iter(check.cliques_of(u)))),
            "linear_us": 1e6 * statistics.median(lin)}
+    row["linear_us_per_clique"] = row["linear_us"] / k
     if run_pairwise:
       row["pairwise_us"] = 1e6 * statistics.median(pair)
       row["pairwise/linear"] = row["pairwise_us"] / row["linear_us"]
@@ -165,10 +172,13 @@ def speedup(quick: bool, reps: int, per_rep: int) -> list[dict]:
     recompute, lin, pair = [], [], []
     for r in range(reps):
       recompute.append(timed(lambda: sum(1 for _ in nx.find_cliques(g))))
+      gc.collect()  # once per batch: collecting this heap before every insertion takes longer
+      gc.disable()  # than the insertion itself
       for u, v in edges[r * per_rep:(r + 1) * per_rep]:
-        pair.append(timed(baseline.insert_edge_pairwise, u, v))
-        lin.append(timed(index.insert_edge, u, v))
+        pair.append(timed(baseline.insert_edge_pairwise, u, v, collect=False))
+        lin.append(timed(index.insert_edge, u, v, collect=False))
         g.add_edge(u, v)
+      gc.enable()
     final = set(map(frozenset, nx.find_cliques(g)))
     assert set(index.cliques()) == final, "wrong cliques"
     assert set(baseline.cliques()) == final, "pairwise baseline: wrong cliques"
@@ -188,7 +198,7 @@ def speedup(quick: bool, reps: int, per_rep: int) -> list[dict]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small sizes (~30 s)")
-  parser.add_argument("--reps", type=int, default=7, help="repetitions per scaling point")
+  parser.add_argument("--reps", type=int, default=5, help="repetitions per scaling point")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results", "cliques.json"))
   args = parser.parse_args()
@@ -199,8 +209,8 @@ def main():
     rows, f = scaling(family, args.quick, args.reps)
     scale_rows += rows
     fits.update(f)
-  print(format_table(scale_rows, ["family", "k", "clique_size", "linear_us", "pairwise_us",
-                                  "pairwise/linear"]))
+  print(format_table(scale_rows, ["family", "k", "clique_size", "linear_us",
+                                  "linear_us_per_clique", "pairwise_us", "pairwise/linear"]))
   for family in ("matching", "multipartite"):
     f = {k[len(family) + 1:]: v for k, v in fits.items() if k.startswith(family)}
     print(f"fitted log-log slopes, {family}: linear {f['linear_slope']:.2f} (k in "

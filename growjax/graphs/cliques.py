@@ -426,8 +426,9 @@ class CliqueIndex:
   def delete_edge(self, a: Vertex, b: Vertex) -> bool:
     """Deletes edge ab, in time linear in the cliques containing both endpoints.
 
-    Each clique C ∋ u, v splits into C \\ {u} and C \\ {v}; C \\ {u} is maximal unless a vertex
-    outside C (necessarily a non-neighbour of u) is adjacent to all of it.
+    Each clique C ∋ u, v splits into C \\ {u} and C \\ {v}; C \\ {u} is maximal unless some
+    vertex (necessarily outside C: u is no longer adjacent to v) is adjacent to all of it. The
+    cliques with both endpoints are found by one C-level intersection of the two id sets.
 
     Returns:
       True if the edge was deleted; False (nothing changes) if it did not exist.
@@ -436,21 +437,26 @@ class CliqueIndex:
       ValueError: on a self-loop. UnknownVertexError: if an endpoint is not in the graph.
     """
     u, v = self._endpoints(a, b)
-    adj, of, cliques = self._adj, self._of, self._cliques
+    adj, of, cliques, id_of = self._adj, self._of, self._cliques, self._id_of
     if v not in adj[u]:
       return False
-    if len(of[u]) > len(of[v]):
-      u, v = v, u
-    both = [i for i in of[u] if v in cliques[i]]
+    both = of[u] & of[v]
     adj[u].discard(v)
     adj[v].discard(u)
     for i in both:
       c = cliques[i]
-      self._remove(i)
-      for drop in (u, v):
-        part = c - {drop}  # maximal unless a vertex (not `drop`: uv is gone) extends it
-        if _no_common_neighbour(adj, part):
-          self._add(part)
+      parts = [(drop, c - {drop}) for drop in (u, v)]
+      parts = [(drop, part) for drop, part in parts if _no_common_neighbour(adj, part)]
+      if not parts:
+        self._remove(i)
+        continue
+      drop, part = parts[0]  # C shrinks in place to its first maximal part (same id)
+      del id_of[c]
+      cliques[i] = part
+      id_of[part] = i
+      of[drop].discard(i)
+      for _, part in parts[1:]:
+        self._add(part)
     return True
 
   def add_vertex(self, v: Vertex, neighbors: Iterable[Vertex] = ()) -> None:
@@ -505,12 +511,13 @@ class CliqueIndex:
     del adj[v]
     for i in ids:
       c = cliques[i]
-      self._remove(i)
       part = c - {v}
-      if not part:
-        continue
-      if _no_common_neighbour(adj, part):
-        self._add(part)
+      if part and _no_common_neighbour(adj, part):
+        del self._id_of[c]  # C shrinks in place (same id); v's index entry goes below
+        cliques[i] = part
+        self._id_of[part] = i
+      else:
+        self._remove(i)
     del self._of[v]
 
   # ----------------------------------------------------------------------------- internals
