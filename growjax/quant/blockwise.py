@@ -33,7 +33,6 @@ import numpy as np
 from growjax.quant import formats
 from growjax.quant import packing
 
-_TINY = np.float32(1e-38)  # bitsandbytes clamps the scale with this inside the reciprocal.
 _COMPARE_SUM_MAX = 31      # up to this many midpoints, count comparisons instead of searching.
 
 
@@ -63,6 +62,15 @@ def block_reduce(xb: jnp.ndarray, op) -> jnp.ndarray:
     half = xb.shape[-1] // 2
     xb = op(xb[..., :half], xb[..., half:])
   return xb
+
+
+def _safe_reciprocal(scale: jnp.ndarray) -> jnp.ndarray:
+  """``1/scale``, and 0 for an all-zero block (whose values then map to the code nearest 0).
+
+  bitsandbytes clamps the scale to 1e-38 before the reciprocal; that is a float32 subnormal, which
+  XLA:CPU flushes to zero, so the zero block is handled explicitly (same codes as bitsandbytes).
+  """
+  return jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
 
 
 def _uniform_index(t: jnp.ndarray, levels: int) -> jnp.ndarray:
@@ -118,12 +126,12 @@ def quantize_first_level(x: jnp.ndarray, config: formats.QuantConfig) -> FirstLe
     lo = block_reduce(xb, jnp.minimum).astype(sdt).astype(jnp.float32)
     hi = block_reduce(xb, jnp.maximum)
     scale = (hi - lo).astype(sdt).astype(jnp.float32)
-    inv = 1.0 / jnp.maximum(scale, _TINY)
+    inv = _safe_reciprocal(scale)
     levels = 2 ** config.bits - 1
     codes = _uniform_index((xb - lo) * inv * np.float32(levels), levels)
     return FirstLevel(codes.reshape(-1), scale[:, 0], lo[:, 0])
   absmax = block_reduce(jnp.abs(xb), jnp.maximum).astype(sdt).astype(jnp.float32)
-  inv = 1.0 / jnp.maximum(absmax, _TINY)
+  inv = _safe_reciprocal(absmax)
   s = jnp.clip(xb * inv, -1.0, 1.0)
   if config.kind == "int":
     lim = 2 ** (config.bits - 1) - 1
@@ -179,7 +187,7 @@ def double_quantize(scales: jnp.ndarray, dq: formats.DoubleQuant,
       offset = accurate_sum(scales) / np.float32(nb)
     centred = _pad_blocks(scales - offset, dq.block_size)
     absmax2 = jnp.max(jnp.abs(centred), axis=1, keepdims=True)
-    v = jnp.clip(centred * (1.0 / absmax2), -1.0, 1.0)
+    v = jnp.clip(centred * _safe_reciprocal(absmax2), -1.0, 1.0)
     if dq.lut_bits is None:
       codes = nearest_code(v, formats.dynamic_code())
     else:
@@ -194,7 +202,7 @@ def double_quantize(scales: jnp.ndarray, dq: formats.DoubleQuant,
   centred = _pad_blocks(scales - offset, dq.block_size)
   scale2 = jnp.max(centred, axis=1, keepdims=True).astype(dq.dtype).astype(jnp.float32)
   levels = 2 ** dq.bits - 1
-  t = centred * (np.float32(levels) / jnp.maximum(scale2, _TINY))
+  t = centred * (np.float32(levels) * _safe_reciprocal(scale2))
   codes = _uniform_index(t, levels)
   return SecondLevel(codes.reshape(-1)[:nb], scale2[:, 0].astype(dq.dtype),
                      jnp.asarray(offset, jnp.float32))

@@ -209,6 +209,15 @@ def dequantize(q: QuantizedTensor) -> jnp.ndarray:
   return flat.reshape(q.batch_shape + q.inner_shape).astype(q.dtype)
 
 
+def reshape(q: QuantizedTensor, inner_shape: tuple[int, ...]) -> QuantizedTensor:
+  """Same storage viewed with another per-tensor shape of equal size (row-major order kept)."""
+  inner_shape = tuple(int(d) for d in inner_shape)
+  if math.prod(inner_shape) != math.prod(q.inner_shape):
+    raise ValueError(f"Cannot view a quantized {q.inner_shape} tensor as {inner_shape}: sizes differ.")
+  return QuantizedTensor(q.codes, q.scales, q.zeros, config=q.config, inner_shape=inner_shape,
+                         dtype_name=q.dtype_name)
+
+
 def dequantize_tree(tree: PyTree) -> PyTree:
   """Replaces every ``QuantizedTensor`` in ``tree`` by its dequantized array."""
   return jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, tree,
