@@ -140,7 +140,8 @@ def test_insertions_power_law_exact():
   # Preferential insertions (endpoints drawn ~ degree + 1) keep the degree tail heavy.
   rng, done = random.Random(2), 0
   while done < 3500:
-    g = nx.barabasi_albert_graph(rng.randint(15, 30), rng.randint(1, 3), seed=rng.randrange(1 << 30))
+    n, m = rng.randint(15, 30), rng.randint(1, 3)
+    g = nx.barabasi_albert_graph(n, m, seed=rng.randrange(1 << 30))
     done += _replay_insertions(g, graphs.CliqueIndex(g), rng, steps=50,
                                weights=lambda x, g=g: g.degree(x) + 1)
 
