@@ -329,6 +329,11 @@ class CliqueIndex:
   def insert_edge(self, a: Vertex, b: Vertex) -> bool:
     """Inserts edge ab by Lawton's update, in time linear in the cliques of one endpoint.
 
+    u is the endpoint with fewer cliques. Cost: one intersection per clique of u (O(|C|) each),
+    then per distinct candidate K one maximality test (a C-level intersection of |K| neighbour
+    sets, the first one the smallest) and O(1) hash lookups; the index is touched only for
+    cliques that change. When u and v have no common neighbour nothing is scanned at all.
+
     Args:
       a, b: existing, distinct vertices.
 
