@@ -27,7 +27,9 @@ The factor split between ``a`` and ``b`` is symmetric (``U√S`` and ``√S Vᵀ
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +38,13 @@ import numpy as np
 Array = jnp.ndarray
 
 
-class InitContext(NamedTuple):
-  """Per-matrix data an initialisation may use.
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["key", "gram", "row_weights", "col_weights"],
+                   meta_fields=["rank", "scale"])
+@dataclasses.dataclass(frozen=True)
+class InitContext:
+  """Per-matrix data an initialisation may use (a pytree: ``rank`` and ``scale`` are static, so
+  an init can be jitted with the context as an argument).
 
   Attributes:
     rank: r, the adapter rank.
