@@ -7,6 +7,13 @@ whose degree grows by appending zero coefficients) and ``zernike_reference`` (ex
 reference values for tests and benchmarks).
 """
 
+from growjax.numerics.quadrature import (
+    DiskGrid,
+    disk_grid,
+    disk_mean,
+    inverse_zernike_transform,
+    zernike_transform,
+)
 from growjax.numerics.zernike import (
     degree_of_num_modes,
     mode_indices,
@@ -26,9 +33,16 @@ from growjax.numerics.zernike import (
     zernike_expansion,
     zernike_mode,
 )
+from growjax.numerics.zernike_layer import ZernikeLayer, grow_degree
 
 __all__ = [
+    "DiskGrid",
+    "ZernikeLayer",
     "degree_of_num_modes",
+    "disk_grid",
+    "disk_mean",
+    "grow_degree",
+    "inverse_zernike_transform",
     "mode_indices",
     "nm_to_noll",
     "nm_to_osa",
@@ -45,4 +59,5 @@ __all__ = [
     "zernike_basis_polar",
     "zernike_expansion",
     "zernike_mode",
+    "zernike_transform",
 ]
