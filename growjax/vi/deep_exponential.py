@@ -101,23 +101,25 @@ class GaussianDEF(NamedTuple):
 
 
 class SparseLayout(NamedTuple):
-  """Slot-major index arrays of a sparse layer ``l`` (child layer ``l``, parent layer ``l + 1``).
+  """Index arrays of a sparse layer ``l`` (child layer ``l``, parent layer ``l + 1``).
 
-  Why slot-major: on XLA:CPU a sum of ``K`` one-dimensional gathers ``m[parents_t[k]]`` is 5-10x
-  faster than one two-dimensional gather ``m[parents]`` (measured for 2000 x 5 edges), and these
-  gathers are the whole cost of a parallel iteration. Zero weights are left out of the children
-  arrays (they carry no interaction); padding has index 0 and weight 0.
+  The parallel passes read slot-major child -> parent arrays: on XLA:CPU a sum of ``K``
+  one-dimensional gathers ``m[parents_t[k]]`` is 5-10x faster than one two-dimensional gather
+  ``m[parents]``, and the transposed product is ``K`` one-dimensional scatter-adds over the same
+  arrays (no padding). The unit-at-a-time loops (sequential and block CAVI) read unit-major
+  parent -> child rows, so one unit's children are one contiguous row. Zero weights are left out
+  of the children arrays (they carry no interaction); their padding has index 0 and weight 0.
 
   Attributes:
     parents_t: int ``[K_l, n_l]``: ``parents.T``.
     weights_t: ``[K_l, n_l]``: ``weights.T``.
-    children_t: int ``[D_l, n_{l+1}]``: slot ``d`` of every parent's list of children.
-    child_weights_t: ``[D_l, n_{l+1}]``: the matching weights.
+    children: int ``[n_{l+1}, D_l]``: each parent's children, padded.
+    child_weights: ``[n_{l+1}, D_l]``: the matching weights (0 on padding).
   """
   parents_t: Array
   weights_t: Array
-  children_t: Array
-  child_weights_t: Array
+  children: Array
+  child_weights: Array
 
 
 class DEFState(NamedTuple):
@@ -341,8 +343,8 @@ def gaussian_def(x, weights: Sequence[Any], *, parents: Sequence[Any] | None = N
     lay_out.append(SparseLayout(
         parents_t=jnp.asarray(np.ascontiguousarray(p.T), jnp.int32),
         weights_t=jnp.asarray(np.ascontiguousarray(w.T), dtype),
-        children_t=jnp.asarray(np.ascontiguousarray(children.T), jnp.int32),
-        child_weights_t=jnp.asarray(np.ascontiguousarray(child_weights.T), dtype)))
+        children=jnp.asarray(children, jnp.int32),
+        child_weights=jnp.asarray(child_weights, dtype)))
 
   return GaussianDEF(
       x=jnp.asarray(x_np, dtype),
@@ -350,6 +352,47 @@ def gaussian_def(x, weights: Sequence[Any], *, parents: Sequence[Any] | None = N
       variances=tuple(jnp.asarray(s, dtype) for s in var_arrays),
       weights=tuple(jnp.asarray(w, dtype) for w in weights_np),
       parents=tuple(par_out), layout=tuple(lay_out))
+
+
+def forest_like_model(eps: float, *, num_children: int = 2000, num_parents: int = 1000,
+                      num_weak: int = 4, noise_variance: float = 1.0,
+                      prior_variance: float = 1.0, seed: int = 0,
+                      dtype=None) -> GaussianDEF:
+  """A sparse one-latent-layer model that is a forest plus weak parents of relative scale ``eps``.
+
+  Every child has one strong parent (uniform at random; weight ``+-1``) and ``num_weak`` other
+  distinct parents with weights ``+-eps * U(0.5, 1.5)``; ``x`` is drawn from the model itself.
+  ``eps = 0`` is a forest; ``eps = 1`` makes the weak parents as strong as the strong one.
+
+  Args:
+    eps: relative scale of the weak parents (>= 0).
+    num_children, num_parents: ``n_0`` and ``n_1``.
+    num_weak: weak parents per child (< ``num_parents``).
+    noise_variance, prior_variance: ``s^0`` and ``s^1``.
+    seed: numpy seed of the structure, weights and data.
+    dtype: float dtype (default as ``gaussian_def``).
+
+  Returns:
+    A sparse ``GaussianDEF`` with ``K = 1 + num_weak`` parents per child.
+  """
+  if eps < 0:
+    raise ValueError(f"eps must be >= 0, got {eps}.")
+  if not 0 <= num_weak < num_parents:
+    raise ValueError(f"num_weak must be in [0, num_parents={num_parents}), got {num_weak}.")
+  rng = np.random.default_rng(seed)
+  strong = rng.integers(0, num_parents, num_children)
+  # Weak parents: distinct from each other and from the strong one (draw from the others).
+  others = np.argsort(rng.random((num_children, num_parents - 1)), axis=1)[:, :num_weak]
+  weak = np.where(others >= strong[:, None], others + 1, others)
+  parents = np.concatenate([strong[:, None], weak], axis=1)
+  signs = rng.choice([-1.0, 1.0], size=parents.shape)
+  scale = np.concatenate([np.ones((num_children, 1)),
+                          eps * rng.uniform(0.5, 1.5, (num_children, num_weak))], axis=1)
+  weights = signs * scale
+  z = np.sqrt(prior_variance) * rng.normal(size=num_parents)
+  x = (weights * z[parents]).sum(axis=1) + np.sqrt(noise_variance) * rng.normal(size=num_children)
+  return gaussian_def(x, [weights], parents=[parents], variances=[noise_variance, prior_variance],
+                      num_units=[num_parents], dtype=dtype)
 
 
 def to_sparse(model: GaussianDEF) -> GaussianDEF:
@@ -399,6 +442,19 @@ def _gather_sum(weights_t: Array, index_t: Array, v: Array) -> Array:
   return out
 
 
+def _scatter_sum(values_t: Array, index_t: Array, size: int) -> Array:
+  """``out[index_t[k, c]] += values_t[k, c]``: ``[K, n]`` slot-major arrays -> ``[size]``.
+
+  The transpose of ``_gather_sum``. ``K`` one-dimensional scatters over the child -> parent
+  arrays beat gathering over the padded parent -> child arrays (no padding, no fusion of the
+  gather chain into the next gather, which XLA:CPU otherwise recomputes per element).
+  """
+  out = jnp.zeros((size,), values_t.dtype)
+  for k in range(values_t.shape[0]):
+    out = out.at[index_t[k]].add(values_t[k])
+  return out
+
+
 def _matvec(model: GaussianDEF, l: int, m: Array) -> Array:
   """``W^l m`` : ``[n_{l+1}] -> [n_l]``."""
   lay = model.layout[l]
@@ -412,21 +468,13 @@ def _rmatvec(model: GaussianDEF, l: int, r: Array) -> Array:
   lay = model.layout[l]
   if lay is None:
     return r @ model.weights[l]
-  return _gather_sum(lay.child_weights_t, lay.children_t, r)
-
-
-def _sq_rmatvec(model: GaussianDEF, l: int, r: Array) -> Array:
-  """``(W^l o W^l)^T r``."""
-  lay = model.layout[l]
-  if lay is None:
-    return r @ jnp.square(model.weights[l])
-  return _gather_sum(jnp.square(lay.child_weights_t), lay.children_t, r)
+  return _scatter_sum(lay.weights_t * r[None, :], lay.parents_t, model.sizes[l + 1])
 
 
 def precision_diag(model: GaussianDEF) -> tuple:
   """``Lam_ii = 1/s_i + sum_c W_ci^2 / s_c`` per latent layer: ``L`` arrays ``[n_l]``."""
   prec = [1.0 / s for s in model.variances]
-  return tuple(prec[l] + _sq_rmatvec(model, l - 1, prec[l - 1])
+  return tuple(prec[l] + _abs_rmatvec(model, l - 1, prec[l - 1], square=True)
                for l in range(1, model.num_layers + 1))
 
 
@@ -559,30 +607,51 @@ def fm_curvature(model: GaussianDEF, variances: Sequence[Array],
                  mixture: str = "abs_w_sqrt_v") -> tuple:
   """``P_i = 1/s_i + sum_c W_ci^2 / (pi_ci s_c)`` per latent layer (``L`` arrays ``[n_l]``).
 
-  With ``pi_ci = u_ci / U_c`` (``U_c = sum_k u_ck``), ``W_ci^2 / pi_ci = W_ci^2 U_c / u_ci``; edges
-  with ``W = 0`` are not in the mixture and add nothing. Computed with gathers only.
+  With ``pi_ci = u_ci / U_c`` (``U_c = sum_k u_ck``) every rule gives
+  ``W_ci^2 / pi_ci = h(W_ci) U_c / f(v_i)``: ``|W| U_c sqrt(v_i)^-1`` for ``|W| sqrt(v)``,
+  ``|W| U_c`` for ``|W|`` and ``W^2 U_c`` for uniform weights (``u = 1[W != 0]``). So ``P`` costs
+  one pass over the edges to get ``U`` (a matvec) and one back (a transposed matvec); edges with
+  ``W = 0`` drop out by themselves.
   """
   _check_mixture(mixture)
   out = []
   for l in range(1, model.num_layers + 1):
     v_par, prec_child = variances[l - 1], 1.0 / model.variances[l - 1]
-    lay = model.layout[l - 1]
-    if lay is None:
-      w = model.weights[l - 1]  # [n_child, n_parent]
-      u = _mixture_scores(w, jnp.broadcast_to(v_par[None, :], w.shape), mixture)
-      totals = jnp.sum(u, axis=1, keepdims=True)
-      edge = jnp.where(w != 0, jnp.square(w) * totals / jnp.where(u > 0, u, 1.0), 0.0)
-      extra = jnp.sum(edge * prec_child[:, None], axis=0)
+    if mixture == "abs_w_sqrt_v":
+      totals = _abs_matvec(model, l - 1, jnp.sqrt(v_par), square=False)
+      extra = _abs_rmatvec(model, l - 1, totals * prec_child, square=False) / jnp.sqrt(v_par)
+    elif mixture == "abs_w":
+      totals = _abs_matvec(model, l - 1, jnp.ones_like(v_par), square=False)
+      extra = _abs_rmatvec(model, l - 1, totals * prec_child, square=False)
     else:
-      totals = _mixture_scores(lay.weights_t[0], v_par[lay.parents_t[0]], mixture)
-      for k in range(1, lay.weights_t.shape[0]):
-        totals = totals + _mixture_scores(lay.weights_t[k], v_par[lay.parents_t[k]], mixture)
-      w, ch = lay.child_weights_t, lay.children_t  # [D, n_parent]
-      u = _mixture_scores(w, jnp.broadcast_to(v_par[None, :], w.shape), mixture)
-      edge = jnp.where(w != 0, jnp.square(w) * totals[ch] / jnp.where(u > 0, u, 1.0), 0.0)
-      extra = jnp.sum(edge * prec_child[ch], axis=0)
+      totals = _count_parents(model, l - 1)
+      extra = _abs_rmatvec(model, l - 1, totals * prec_child, square=True)
     out.append(1.0 / model.variances[l] + extra)
   return tuple(out)
+
+
+def _abs_matvec(model: GaussianDEF, l: int, m: Array, *, square: bool) -> Array:
+  """``|W^l| m`` (or ``(W^l)^2 m``)."""
+  h = jnp.square if square else jnp.abs
+  lay = model.layout[l]
+  if lay is None:
+    return h(model.weights[l]) @ m
+  return _gather_sum(h(lay.weights_t), lay.parents_t, m)
+
+
+def _abs_rmatvec(model: GaussianDEF, l: int, r: Array, *, square: bool) -> Array:
+  """``|W^l|^T r`` (or ``((W^l)^2)^T r``)."""
+  h = jnp.square if square else jnp.abs
+  lay = model.layout[l]
+  if lay is None:
+    return r @ h(model.weights[l])
+  return _scatter_sum(h(lay.weights_t) * r[None, :], lay.parents_t, model.sizes[l + 1])
+
+
+def _count_parents(model: GaussianDEF, l: int) -> Array:
+  """Number of nonzero weights of each child of layer ``l``."""
+  w = model.weights[l] if model.layout[l] is None else model.layout[l].weights_t.T
+  return jnp.sum((w != 0).astype(w.dtype), axis=1)
 
 
 def fm_bound(model: GaussianDEF, means: Sequence[Array], variances: Sequence[Array],
@@ -699,7 +768,7 @@ def _children_rows(model: GaussianDEF, l: int, prec_below: Array):
   if lay is None:
     wt = model.weights[l].T  # [n_{l+1}, n_l]: each parent's column of weights
     return None, wt, wt * prec_below[None, :]
-  ch, cw = lay.children_t.T, lay.child_weights_t.T
+  ch, cw = lay.children, lay.child_weights
   return ch, cw, cw * prec_below[ch]
 
 
