@@ -6,12 +6,16 @@ al. 2023, QLoRA, arXiv:2305.14314); 2 bits put four codes in a byte; 3, 5, 6 and
 densely as a bit stream (8 three-bit codes in 3 bytes, …), so ``n`` k-bit codes take exactly
 ``ceil(n·k/8)`` bytes.
 
-The byte is assembled with multiply-adds (``hi·16 + lo``) rather than shifts and ors: XLA on CPU
-fuses and vectorises the arithmetic form better (measured 2–4× faster in benchmarks/quant.py).
+For 4 and 2 bits the codes of one byte are read as one little-endian uint16 / uint32
+(``lax.bitcast_convert_type``) and the byte is assembled with multiply-adds (``lo_byte·16 +
+hi_byte``). Written as ``codes[0::2]·16 + codes[1::2]``, XLA:CPU fuses the stride-2 reads into the
+loop that computes the codes and LLVM no longer vectorises it: the whole NF4 quantization ran
+about 5× slower (benchmarks/quant.py measures the alternatives).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,8 +61,16 @@ def pack(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
   pad = (-n) % per_group
   if pad:
     codes = jnp.concatenate([codes, jnp.zeros((*lead, pad), jnp.uint8)], axis=-1)
-  if bits in (1, 2, 4):
-    # Whole codes per byte: Horner's rule with multiply-adds (the fast form in XLA:CPU).
+  if bits in (2, 4):
+    # One wide word per output byte; its little-endian bytes are the codes in order.
+    word = jnp.uint16 if bits == 4 else jnp.uint32
+    w = jax.lax.bitcast_convert_type(codes.reshape(*lead, -1, per_group), word)
+    out = w & word(0xFF)
+    for j in range(1, per_group):
+      out = out * word(2 ** bits) + ((w >> word(8 * j)) & word(0xFF))
+    return out.astype(jnp.uint8)[..., :packed_size(n, bits)]
+  if bits == 1:
+    # Whole codes per byte: Horner's rule with multiply-adds.
     g = codes.reshape(*lead, -1, per_group)
     out = g[..., 0]
     for j in range(1, per_group):
