@@ -432,3 +432,27 @@ def test_bad_input_raises_clear_errors():
     vi.solve(vi.forest_mixture(), model, criterion="kl")
   with pytest.raises(ValueError, match="needs the model"):
     vi.make_solver("block")
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment.
+
+
+def test_fm_bound_experiment_quick(tmp_path):
+  from experiments.configs import fm_bound as fm_config
+  from experiments import fm_bound
+  from growjax.train.metrics import read_jsonl
+
+  summary = fm_bound.run(fm_config.get_config("quick"), str(tmp_path))
+  records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "method" in r]
+  assert {(r["eps"], r["method"]) for r in records} == {
+      (e, m) for e in (0.0, 1.0) for m in vi.METHODS}
+  by = {(r["eps"], r["method"]): r for r in records}
+  for m in ("sequential", "fm", "block"):  # convergent methods reach the exact optimum
+    assert by[(1.0, m)]["converged"] and by[(1.0, m)]["gap_iterations"] is not None
+  assert by[(0.0, "fm")]["gap_iterations"] == 1  # a forest: one FM iteration
+  assert by[(1.0, "parallel")]["diverged"]  # (k - 2) a > 1 for these children
+  assert by[(0.0, "fm")]["forest_likeness"] == 1.0 > by[(1.0, "fm")]["forest_likeness"]
+  assert by[(1.0, "fm")]["iterations"] > by[(0.0, "fm")]["iterations"]
+  assert (tmp_path / "fm_bound.png").stat().st_size > 10_000
+  assert summary["parallel_diverged"] == {0.0: False, 1.0: True}

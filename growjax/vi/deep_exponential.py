@@ -948,7 +948,8 @@ def make_solver(method: str, model: GaussianDEF | None = None, **kwargs) -> DEFS
 
 def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: float = 1e-6,
           criterion: str = "elbo", state: DEFState | None = None,
-          divergence_rtol: float | None = None) -> tuple[DEFState, SolveInfo]:
+          divergence_rtol: float | None = None,
+          limit: int | Array | None = None) -> tuple[DEFState, SolveInfo]:
   """Iterates ``solver.step`` in a ``lax.while_loop`` until a stopping rule or divergence.
 
   Stopping rules the solver computes itself: ``"elbo"``: ``|ELBO_t - ELBO_{t-1}| <= tol |ELBO_t|``;
@@ -964,6 +965,8 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
     criterion: ``"elbo"`` or ``"means"``.
     state: optional initial state (default ``solver.init(model)``).
     divergence_rtol: relative ELBO drop treated as divergence.
+    limit: optional iteration budget ``<= max_iters`` that may be a traced value, so one
+      compiled solve serves several budgets (``tol`` may be traced too; ``tol < 0`` never stops).
 
   Returns:
     ``(final_state, SolveInfo)``.
@@ -980,9 +983,11 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
   e0 = state_elbo(model, state)
   trace = jnp.full((max_iters + 1,), jnp.nan, dtype).at[0].set(e0)
 
+  budget = max_iters if limit is None else jnp.minimum(limit, max_iters)
+
   def cond(carry):
     _, _, _, it, done, bad = carry
-    return (it < max_iters) & ~done & ~bad
+    return (it < budget) & ~done & ~bad
 
   def body(carry):
     st, e_prev, tr, it, _, _ = carry
