@@ -202,10 +202,17 @@ def transplant(fresh: PyTree, old: PyTree, renames: Mapping[Path, Path] | None =
       raise ValueError(
           f"transplant: leaf {p!r} has shape {old_shape} in the old tree and {new_shape} in the "
           f"fresh tree; growth may only append along axes (every old dim <= new dim, same rank).")
+    if not _is_array(new_leaf):
+      return old_leaf
+    dtype = np.dtype(new_leaf.dtype)
     if new_shape == old_shape:
-      return jnp.asarray(old_leaf, dtype=jnp.result_type(new_leaf)) if _is_array(new_leaf) else old_leaf
-    corner = tuple(slice(0, s) for s in old_shape)
-    return jnp.asarray(new_leaf).at[corner].set(jnp.asarray(old_leaf, jnp.result_type(new_leaf)))
+      return old_leaf if np.dtype(old_leaf.dtype) == dtype else jax.device_put(
+          np.asarray(old_leaf, dtype))
+    # Host-side copy: growth happens between jitted steps, and numpy avoids compiling a
+    # scatter for every new shape (jnp's .at[].set would).
+    out = np.array(new_leaf)
+    out[tuple(slice(0, s) for s in old_shape)] = np.asarray(old_leaf, dtype)
+    return jax.device_put(out)
 
   return jax.tree_util.tree_map_with_path(put, fresh)
 

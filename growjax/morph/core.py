@@ -12,8 +12,11 @@ for the growth history (Lawton, Galstyan & Ver Steeg 2024, arXiv:2411.05855, §1
 * ``insert_layer``: identity-layer insertion (MLP/ConvNet with ReLU-family activations) or
   zero-gated residual-block insertion (ResNet, pre-LN transformer), by the model's own rule.
 
-A grown tree is always built the same way: initialise the grown model, ``transplant`` the old
-variables into it (old units sit in the leading corner), then set the new slices. The record's
+Widening never initialises (or compiles) the whole grown model: its shapes come from tracing the
+grown model's init (``jax.eval_shape``), every leaf coupled to the site gets its new slices
+appended on the unit axis (zero, the mean of the old units, given values, or fresh values drawn
+like the model's own initialiser), and the result is checked against those shapes. Depth
+morphisms keep every old leaf under its (possibly shifted) name and draw only the new layer. The record's
 ``renames`` (depth morphisms shift layer names) must be passed to ``transplant`` when carrying
 optimizer state across the morphism (``growjax.train`` does this).
 """
@@ -28,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from growjax import tree
-from growjax.nets.sites import IN, OUT, Site, set_units, slice_units, with_field
+from growjax.nets import common
+from growjax.nets.sites import IN, OUT, Site, with_field
 
 Array = jax.Array
 
@@ -93,6 +97,27 @@ def _set_leaves(variables, updates: Mapping[str, Array]):
   return tree.unflatten(flat)
 
 
+def to_device(x: np.ndarray) -> Array:
+  """Host array -> device array. ``jax.device_put`` transfers without compiling anything, unlike
+  ``jnp.asarray``, which compiles a staging computation for every new shape."""
+  return jax.device_put(x)
+
+
+def _grown_shapes(model: nn.Module, rng: Array) -> dict[str, tuple[int, ...]]:
+  """Leaf shapes of ``model``'s variables, by tracing its init (no compilation, no FLOPs)."""
+  return {p: tuple(a.shape) for p, a in common.abstract_variables(model, rng).items()}
+
+
+def _check_grown(grown, want: Mapping[str, tuple[int, ...]], site: Site) -> None:
+  """The grown tree must have exactly the grown model's leaves and shapes."""
+  got = {p: tuple(np.shape(a)) for p, a in tree.flatten(grown).items()}
+  if got != want:
+    bad = sorted(p for p in set(got) | set(want) if got.get(p) != want.get(p))
+    raise ValueError(
+        f"Site {site.name!r} does not list every leaf coupled to its width: after growing, "
+        + "; ".join(f"{p}: have {got.get(p)}, model expects {want.get(p)}" for p in bad[:8]))
+
+
 def _record(op: str, site: Site | None, before, after, **extra) -> dict[str, Any]:
   rec = {"op": op, "params_before": tree.count(before.get("params", {})),
          "params_after": tree.count(after.get("params", {}))}
@@ -129,25 +154,29 @@ def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
   fan_in = _check_slices(fan_in, s, IN, int(k), flat_old, "fan_in")
   fan_out = _check_slices(fan_out, s, OUT, int(k), flat_old, "fan_out")
   new_model = widen_field(model, s.field, s.width + int(k))
-  grown = tree.transplant(new_model.init_variables(rng), variables)
-  flat = tree.flatten(grown)
+  want = _grown_shapes(new_model, rng)
+  gen = common.host_rng(rng)
   updates = {}
   for leaf in s.leaves:
+    old = np.asarray(flat_old[leaf.path])
     given = (fan_in if leaf.side == IN else fan_out).get(leaf.name)
-    x = flat[leaf.path]
+    shape = list(old.shape)
+    shape[leaf.axis] = k
     if given is not None:
-      new = given
+      new = np.asarray(given, old.dtype)
     elif leaf.add == "zero":
-      new = jnp.zeros_like(slice_units(x, leaf.axis, s.width, s.width + k))
+      new = np.zeros(shape, old.dtype)
     elif leaf.add == "mean":
-      old = slice_units(x, leaf.axis, 0, s.width)
-      new = jnp.repeat(jnp.mean(old, axis=leaf.axis, keepdims=True), k, axis=leaf.axis)
+      new = np.repeat(old.mean(axis=leaf.axis, keepdims=True), k, axis=leaf.axis)
     elif leaf.add == "fresh":
-      continue
+      # Drawn for the grown leaf's shape (its fan-in sets the scale); ``shape`` is the slice.
+      new = common.host_init_leaf(leaf.path, tuple(shape), old.dtype, gen,
+                                  new_model.init_rule(leaf.path), full_shape=want[leaf.path])
     else:
       raise ValueError(f"Leaf {leaf.path!r} has unknown add rule {leaf.add!r}.")
-    updates[leaf.path] = set_units(x, leaf.axis, s.width, new)
-  grown = _set_leaves(grown, updates)
+    updates[leaf.path] = to_device(np.concatenate([old, new.astype(old.dtype)], axis=leaf.axis))
+  grown = _set_leaves(variables, updates)
+  _check_grown(grown, want, s)
   if s.preserve is not None:
     new_model, grown = s.preserve(new_model, grown, s.width, int(k))
   rec = _record("add_units", s, variables, grown, k=int(k), old_width=s.width,
@@ -156,7 +185,7 @@ def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
 
 
 def split_units(model: nn.Module, variables, site: str, units: Sequence[int], *,
-                ratio: float = 0.5, rng: Array | None = None):
+                ratio: float = 0.5):
   """Net2Net split: appends a copy of each unit in ``units``, sharing its fan-out.
 
   The copy gets the unit's fan-in and per-unit entries; the original keeps ``ratio`` of its
@@ -177,24 +206,22 @@ def split_units(model: nn.Module, variables, site: str, units: Sequence[int], *,
   check_site_shapes(variables, s)
   k = len(units)
   new_model = widen_field(model, s.field, s.width + k)
-  rng = jax.random.key(0) if rng is None else rng  # fresh entries are all overwritten below
-  grown = tree.transplant(new_model.init_variables(rng), variables)
+  want = _grown_shapes(new_model, jax.random.key(0))
   flat_old = tree.flatten(variables)
-  flat = tree.flatten(grown)
-  idx = jnp.asarray(units)
   updates = {}
   for leaf in s.leaves:
-    old = flat_old[leaf.path]
-    copy = jnp.take(old, idx, axis=leaf.axis)
-    x = flat[leaf.path]
+    old = np.asarray(flat_old[leaf.path])
+    copy = np.take(old, units, axis=leaf.axis)
     if leaf.side == OUT:
       shape = [1] * old.ndim
       shape[leaf.axis] = s.width
-      keep = jnp.ones((s.width,), old.dtype).at[idx].set(ratio).reshape(shape)
-      x = set_units(x, leaf.axis, 0, old * keep)
-      copy = copy * (1.0 - ratio)
-    updates[leaf.path] = set_units(x, leaf.axis, s.width, copy)
-  grown = _set_leaves(grown, updates)
+      keep = np.ones((s.width,), old.dtype)
+      keep[units] = ratio
+      old = old * keep.reshape(shape)
+      copy = copy * np.asarray(1.0 - ratio, old.dtype)
+    updates[leaf.path] = to_device(np.concatenate([old, copy], axis=leaf.axis))
+  grown = _set_leaves(variables, updates)
+  _check_grown(grown, want, s)
   rec = _record("split_units", s, variables, grown, k=k, units=units, ratio=float(ratio),
                 old_width=s.width, new_width=s.width + k)
   return new_model, grown, rec
@@ -211,7 +238,10 @@ def insert_layer(model: nn.Module, variables, position: int, *, rng: Array):
     raise ValueError(f"insert_layer: {type(model).__name__} can insert a layer at positions "
                      f"{list(positions)}, got {position!r}.")
   new_model, renames = model.deepen(position)
-  grown = tree.transplant(new_model.init_variables(rng), variables, renames)
+  # Old leaves keep their values under their new names; only the inserted layer is drawn
+  # (host-side, like every growth-time initialisation: no compilation of the grown init).
+  keep = {tree.rename_path(p, renames): leaf for p, leaf in tree.flatten(variables).items()}
+  grown = common.host_init(new_model, rng, keep=keep)
   grown = new_model.identity_layer(grown, position)
   rec = _record("insert_layer", None, variables, grown, position=int(position),
                 renames=dict(renames))

@@ -20,6 +20,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from growjax.nets import common
 from growjax.nets.sites import IN, OUT, Leaf, Site
@@ -264,18 +265,21 @@ class ConvNet(nn.Module, common.Growable):
     stats = dict(variables["batch_stats"])
     dtype = params[f"conv_{i}"]["kernel"].dtype
     k = self.kernel_size
+    put = jax.device_put  # host-built constants: no per-shape compilation
     if self._dw(i):
-      dw = jnp.zeros((k, k, 1, c), dtype).at[k // 2, k // 2, 0, :].set(1.0)
-      params[f"dw_{i}"] = {"kernel": dw}
-      params[f"conv_{i}"] = {"kernel": jnp.eye(c, dtype=dtype).reshape(1, 1, c, c)}
+      dw = np.zeros((k, k, 1, c), dtype)
+      dw[k // 2, k // 2, 0, :] = 1.0
+      params[f"dw_{i}"] = {"kernel": put(dw)}
+      params[f"conv_{i}"] = {"kernel": put(np.eye(c, dtype=dtype).reshape(1, 1, c, c))}
       bns = (f"dwbn_{i}", f"bn_{i}")
     else:
-      kern = jnp.zeros((k, k, c, c), dtype).at[k // 2, k // 2].set(jnp.eye(c, dtype=dtype))
-      params[f"conv_{i}"] = {"kernel": kern}
+      kern = np.zeros((k, k, c, c), dtype)
+      kern[k // 2, k // 2] = np.eye(c, dtype=dtype)
+      params[f"conv_{i}"] = {"kernel": put(kern)}
       bns = (f"bn_{i}",)
     for bn in bns:
-      params[bn] = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)}
+      params[bn] = {"scale": put(np.ones((c,), dtype)), "bias": put(np.zeros((c,), dtype))}
       # var + eps = 1 exactly, so eval-mode BatchNorm is the identity.
-      stats[bn] = {"mean": jnp.zeros((c,), dtype),
-                   "var": jnp.full((c,), 1.0 - common.BN_EPSILON, dtype)}
+      stats[bn] = {"mean": put(np.zeros((c,), dtype)),
+                   "var": put(np.full((c,), 1.0 - common.BN_EPSILON, dtype))}
     return {**variables, "params": params, "batch_stats": stats}

@@ -11,6 +11,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from growjax.nets import common
 from growjax.nets.sites import IN, OUT, Leaf, Site
@@ -102,7 +103,7 @@ class MLP(nn.Module, common.Growable):
     name = f"hidden_{position + 1}"
     w = self.widths[position + 1]
     params = dict(variables["params"])
-    params[name] = {"kernel": jnp.eye(w, dtype=params[name]["kernel"].dtype),
-                    "bias": jnp.zeros((w,), params[name]["bias"].dtype)}
+    params[name] = {"kernel": jax.device_put(np.eye(w, dtype=params[name]["kernel"].dtype)),
+                    "bias": jax.device_put(np.zeros((w,), params[name]["bias"].dtype))}
     return {**variables, "params": params}
 

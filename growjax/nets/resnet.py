@@ -15,6 +15,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from growjax.nets import common
 from growjax.nets.sites import IN, OUT, Leaf, Site
@@ -221,5 +222,5 @@ class ResNet(nn.Module, common.Growable):
   def identity_layer(self, variables, position: int):
     params = dict(variables["params"])
     b = f"block_{position + 1}"
-    params[b] = {**params[b], "gate": jnp.zeros((), params[b]["gate"].dtype)}
+    params[b] = {**params[b], "gate": jax.device_put(np.zeros((), params[b]["gate"].dtype))}
     return {**variables, "params": params}

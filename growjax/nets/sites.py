@@ -130,13 +130,6 @@ def slice_units(x: Array, axis: int, start: int, stop: int) -> Array:
   return jax.lax.slice_in_dim(x, start, stop, axis=axis)
 
 
-def set_units(x: Array, axis: int, start: int, values: Array) -> Array:
-  """Writes ``values`` into units ``[start, start + values.shape[axis])`` along ``axis``."""
-  idx = [0] * x.ndim
-  idx[axis] = start
-  return jax.lax.dynamic_update_slice(x, jnp.asarray(values, x.dtype), tuple(idx))
-
-
 def new_slices(variables, site: Site, start: int, side: str | None = None) -> dict[str, Array]:
   """The units ``[start, end)`` of each leaf of ``site`` as ``{role name: slice}``."""
   from growjax import tree  # pylint: disable=import-outside-toplevel
@@ -147,6 +140,15 @@ def new_slices(variables, site: Site, start: int, side: str | None = None) -> di
       x = flat[leaf.path]
       out[leaf.name] = slice_units(x, leaf.axis, start, x.shape[leaf.axis])
   return out
+
+
+def cached_input(cache, site: Site) -> Array:
+  """The producer input ``h`` of ``site`` from an ``apply(..., mutable=["intermediates"])`` cache.
+
+  ``sow`` stores a tuple (one entry per call); growjax models call each layer once per apply.
+  """
+  from growjax import tree  # pylint: disable=import-outside-toplevel
+  return tree.get(cache, site.h_path + "/0")
 
 
 def per_layer(value: int | Sequence[int], n: int, field: str) -> tuple[int, ...]:

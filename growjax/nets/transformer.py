@@ -30,6 +30,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from growjax.nets import common
 from growjax.nets.sites import IN, OUT, Leaf, Site, per_layer
@@ -254,6 +255,14 @@ class Transformer(nn.Module, common.Growable):
       return nn.RMSNorm(epsilon=self.ln_epsilon, name=name)
     return nn.LayerNorm(epsilon=self.ln_epsilon, name=name)
 
+  def init_rule(self, path: str) -> dict:
+    # q/k/v kernels [d, H, hd]: flax's DenseGeneral takes the fan-in over the contracted axis.
+    if path.endswith(("query/kernel", "key/kernel", "value/kernel")):
+      return {"fan_in_axes": (0,)}
+    if path.endswith("wpe/embedding"):
+      return {"std": 0.01}
+    return {}
+
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False, mask: jax.Array | None = None,
                token_types: jax.Array | None = None) -> jax.Array:
@@ -393,7 +402,7 @@ class Transformer(nn.Module, common.Growable):
     b = f"block_{position + 1}"
     blk = dict(params[b])
     for name in ("out", "fc_out"):
-      blk[name] = jax.tree.map(jnp.zeros_like, blk[name])
+      blk[name] = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype)), blk[name])
     params[b] = blk
     return {**variables, "params": params}
 
@@ -408,7 +417,8 @@ def _rescale_norms(model, variables, old: int, k: int, *, norms):
     for part in parts[:-1]:
       node = node[part]
     leaf = dict(node[parts[-1]])
-    scale = leaf["scale"]
-    leaf["scale"] = scale.at[:old].multiply(jnp.asarray(math.sqrt(factor), scale.dtype))
+    scale = np.array(leaf["scale"])
+    scale[:old] *= np.asarray(math.sqrt(factor), scale.dtype)
+    leaf["scale"] = jax.device_put(scale)
     node[parts[-1]] = leaf
   return model.clone(ln_epsilon=model.ln_epsilon * factor), {**variables, "params": params}
