@@ -19,7 +19,11 @@ Evaluation never uses the explicit factorial formula (its cancellation loses all
 degree ~40): ``r^{|m|} cos(m t)`` and ``r^{|m|} sin(|m| t)`` are the real and imaginary parts of
 ``(x + i y)^{|m|}`` (no square root, no arctan: the modes are polynomials in ``x, y`` and so
 differentiable everywhere, including the origin), and ``P_k^{(0, |m|)}`` comes from the Jacobi
-three-term recurrence in ``k``, which is stable: about 1e-14 absolute error at degree 60.
+three-term recurrence in ``k``. Near the circle (and, for m = 0, near the centre) the recurrence
+runs in a difference form fed by ``1 - r^2`` (resp. ``r^2``) computed to full relative accuracy
+(see ``_plan``): measured against exact rational values, the orthonormal modes are within 3e-14
+(absolute) everywhere on the disk up to degree 60 in float64, where the plain recurrence alone
+reaches 1e-12 at the circle. Inputs set the dtype: float32 points give float32 modes (~1e-6).
 
 Layout: all modes up to degree ``N`` are returned with the *mode axis first*, ``[K, *points]``
 with ``K = (N + 1)(N + 2) / 2``, in OSA/ANSI order (sorted by ``n``, then ``m`` from ``-n`` to
@@ -567,7 +571,17 @@ def zernike_basis_grad(x: Any, y: Any, degree: int, *, normalization: str = "ort
 
 
 def zernike_mode(n: int, m: int, x: Any, y: Any, *, normalization: str = "orthonormal") -> Array:
-  """One Zernike mode ``Z_n^m`` at ``(x, y)``; [*shape].
+  """One Zernike mode ``Z_n^m`` at ``(x, y)``, by the same recurrence as ``zernike_basis``.
+
+  Args:
+    n: degree.
+    m: order, ``|m| <= n`` and ``n - m`` even (m < 0: the sine mode).
+    x: [*shape] abscissae.
+    y: [*shape] ordinates.
+    normalization: ``"orthonormal"`` or ``"unit_peak"``.
+
+  Returns:
+    [*shape].
 
   Raises:
     ValueError: ``|m| > n``, ``n - m`` odd, or non-integer indices.
