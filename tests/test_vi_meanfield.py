@@ -161,3 +161,23 @@ def test_bad_input_raises_clear_errors():
     vi.gaussian_kl({"a": jnp.ones(2)}, {"a": jnp.ones(2)}, 0.0, {"b": 1.0})
   with pytest.raises(ValueError, match="probs must be"):
     vi.expected_calibration_error(jnp.ones((3, 2)), jnp.zeros(4, jnp.int32))
+
+
+def test_bayes_mlp_experiment_quick(tmp_path):
+  from experiments import bayes_mlp
+  from experiments.configs import bayes_mlp as bayes_config
+  from growjax.train.metrics import read_jsonl
+
+  summary = bayes_mlp.run(bayes_config.get_config("quick"), str(tmp_path))
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert records[-1]["summary"] and [r["step"] for r in records[:-1]] == [100, 200]
+  for name in ("vi", "map"):
+    res = summary[name]
+    assert res["accuracy"] > 0.7 and 0.0 <= res["ece"] <= 1.0 and res["nll"] > 0
+    assert res["entropy_noise"] > res["entropy_correct"]
+  assert (tmp_path / "bayes_mlp.png").stat().st_size > 10_000
+  # The Mann-Whitney AUROC helper against a direct pair count.
+  rng = np.random.default_rng(0)
+  neg, pos = rng.integers(0, 5, 30), rng.integers(2, 8, 20)
+  want = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+  assert bayes_mlp.auroc(neg, pos) == pytest.approx(want)
