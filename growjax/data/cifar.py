@@ -328,8 +328,11 @@ def _tiny_batches(variant: str, n_train: int, n_test: int, seed: int) -> dict[st
   # Fine -> coarse is a fixed map in the real CIFAR-100 (5 fine classes per superclass).
   coarse_of = rng.permutation(np.arange(k) % _NUM_COARSE)
 
-  def make(n, label):
-    fine = rng.permutation(np.arange(n) % k)  # balanced classes, so stratified splits work
+  def balanced(n):
+    return rng.permutation(np.arange(n) % k)  # balanced classes, so stratified splits work
+
+  def make(fine, label):
+    n = len(fine)
     noise = rng.integers(0, 256, size=(n, _ROW))
     data = ((templates[fine] + noise) // 2).astype(np.uint8)
     names = [f"tiny_{label.split()[0]}_{i:05d}.png".encode() for i in range(n)]
@@ -343,17 +346,17 @@ def _tiny_batches(variant: str, n_train: int, n_test: int, seed: int) -> dict[st
 
   out = {}
   if variant == "cifar10":
-    sizes = [len(s) for s in np.array_split(np.arange(n_train), 5)]
-    for i, (name, n) in enumerate(zip(layout.train, sizes)):
-      out[name] = make(n, f"training batch {i + 1} of 5")
-    out[layout.meta] = {b"num_cases_per_batch": max(sizes), b"num_vis": _ROW,
+    parts = np.array_split(balanced(n_train), 5)
+    for i, (name, fine) in enumerate(zip(layout.train, parts)):
+      out[name] = make(fine, f"training batch {i + 1} of 5")
+    out[layout.meta] = {b"num_cases_per_batch": max(len(p) for p in parts), b"num_vis": _ROW,
                         b"label_names": [s.encode() for s in _CIFAR10_NAMES]}
   else:
-    out["train"] = make(n_train, "training batch 1 of 1")
+    out["train"] = make(balanced(n_train), "training batch 1 of 1")
     out[layout.meta] = {b"fine_label_names": [f"fine_{i:03d}".encode() for i in range(k)],
                         b"coarse_label_names": [f"coarse_{i:02d}".encode()
                                                 for i in range(_NUM_COARSE)]}
-  out[layout.test] = make(n_test, "testing batch 1 of 1")
+  out[layout.test] = make(balanced(n_test), "testing batch 1 of 1")
   return out
 
 
