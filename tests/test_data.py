@@ -353,7 +353,8 @@ def test_bpe_round_trip_compression_and_json(tmp_path):
   train_docs = [d.text for d in prose[::2]]
   tok = data.train_bpe(train_docs, vocab_size=800, special_tokens=("<eos>",))
   assert tok.vocab_size == 800 and tok.special_id("<eos>") == 799
-  samples = [d.text for d in prose[1::2]] + [code[0].text, "naïve café — 漢字 🙂  x_y__z\r\n"]
+  unicode = "naïve café — 漢字 🙂  x_y__z\r\n"
+  samples = [d.text for d in prose[1::2]] + [code[0].text, unicode]
   byte_tok = data.byte_tokenizer()
   for s in samples:
     ids = tok.encode(s)

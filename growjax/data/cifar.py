@@ -254,8 +254,9 @@ def load_cifar(path: str | os.PathLike, variant: str = "cifar10", *, val_fractio
   def to_float(x):
     return x.astype(np.float32) / np.float32(255.0)
 
-  train, val, test = (Dataset(to_float(split.train.x), split.train.y),
-                      Dataset(to_float(split.val.x), split.val.y), Dataset(to_float(x_test), y_test))
+  train = Dataset(to_float(split.train.x), split.train.y)
+  val = Dataset(to_float(split.val.x), split.val.y)
+  test = Dataset(to_float(x_test), y_test)
   if normalize:
     mean, std = channel_mean_std(train.x)
     train, val, test = (Dataset((d.x - mean) / std, d.y) for d in (train, val, test))

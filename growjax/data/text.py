@@ -127,6 +127,19 @@ def load_documents(domain: str, max_bytes: int | None = DEFAULT_MAX_BYTES) -> tu
 # Tokenizer.
 
 
+def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+  """Replaces each non-overlapping ``pair`` in ``ids`` (left to right) by ``new_id``."""
+  out, i, n = [], 0, len(ids)
+  while i < n:
+    if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+      out.append(new_id)
+      i += 2
+    else:
+      out.append(ids[i])
+      i += 1
+  return out
+
+
 class Tokenizer:
   """Byte-level BPE tokenizer: ids 0..255 bytes, ``256 + i`` merge ``i``, then special tokens.
 
@@ -184,15 +197,7 @@ class Tokenizer:
       rank = ranks.get(best)
       if rank is None:
         break
-      new_id, out, i = 256 + rank, [], 0
-      while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == best[0] and ids[i + 1] == best[1]:
-          out.append(new_id)
-          i += 2
-        else:
-          out.append(ids[i])
-          i += 1
-      ids = out
+      ids = _merge_pair(ids, best, 256 + rank)
     return tuple(ids)
 
   def encode(self, text: str) -> np.ndarray:
@@ -308,14 +313,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int, *,
     # ``where`` may list chunks that lost the pair since; they merge to themselves (no change).
     for i in sorted(where.pop(pair)):
       w, f = words[i], freqs[i]
-      out, j = [], 0
-      while j < len(w):
-        if j + 1 < len(w) and w[j] == pair[0] and w[j + 1] == pair[1]:
-          out.append(new_id)
-          j += 2
-        else:
-          out.append(w[j])
-          j += 1
+      out = _merge_pair(w, pair, new_id)
       if len(out) == len(w):
         continue
       for q in zip(w, w[1:]):
