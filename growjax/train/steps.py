@@ -44,6 +44,7 @@ def make_train_step(tx: optax.GradientTransformation, loss: str | Loss = "softma
   Metrics: ``loss`` (mean over the batch) and, for classification losses, ``accuracy``.
   """
   loss = get_loss(loss)
+  tx_extra = optax.with_extra_args_support(tx)
 
   def step(model: nn.Module, state: TrainState, batch) -> tuple[TrainState, dict]:
     x, y = batch
@@ -57,8 +58,13 @@ def make_train_step(tx: optax.GradientTransformation, loss: str | Loss = "softma
     (value, (out, new_ms)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     # optax mixes Python floats with int32 counters (Adam's bias correction), which strict
     # promotion rejects; growjax's own code stays strict, the optimizer call does not.
+    # Optimizers that precondition by curvature (growjax.curvature.gauss_newton) get the batch
+    # through optax's extra arguments; plain transforms ignore them.
+    model_fn = lambda p: _forward(model, {"params": p, **state.model_state}, (), x, False,
+                                  None)[0]
     with jax.numpy_dtype_promotion("standard"):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      updates, opt_state = tx_extra.update(grads, state.opt_state, state.params,
+                                           model_fn=model_fn, targets=y)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": value}
     if loss.correct is not None:
