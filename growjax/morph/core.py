@@ -127,6 +127,38 @@ def _record(op: str, site: Site | None, before, after, **extra) -> dict[str, Any
   return rec
 
 
+def new_unit_slices(model: nn.Module, variables, site: str, k: int, rng: Array
+                    ) -> tuple[nn.Module, dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+  """The default entries of ``k`` new units at ``site``, by each leaf's ``add`` rule.
+
+  Returns:
+    ``(grown model, {path: grown shape}, {leaf path: new slice [.., k, ..]})`` — zero fan-out,
+    fresh fan-in drawn like the model's initialiser (host-side), mean-tracking stream entries.
+  """
+  s = get_site(model, site)
+  new_model = widen_field(model, s.field, s.width + int(k))
+  want = _grown_shapes(new_model, rng)
+  gen = common.host_rng(rng)
+  flat_old = tree.flatten(variables)
+  slices = {}
+  for leaf in s.leaves:
+    old = np.asarray(flat_old[leaf.path])
+    shape = list(old.shape)
+    shape[leaf.axis] = k
+    if leaf.add == "zero":
+      new = np.zeros(shape, old.dtype)
+    elif leaf.add == "mean":
+      new = np.repeat(old.mean(axis=leaf.axis, keepdims=True), k, axis=leaf.axis)
+    elif leaf.add == "fresh":
+      # Drawn for the grown leaf's shape (its fan-in sets the scale); ``shape`` is the slice.
+      new = common.host_init_leaf(leaf.path, tuple(shape), old.dtype, gen,
+                                  new_model.init_rule(leaf.path), full_shape=want[leaf.path])
+    else:
+      raise ValueError(f"Leaf {leaf.path!r} has unknown add rule {leaf.add!r}.")
+    slices[leaf.path] = new
+  return new_model, want, slices
+
+
 def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
               fan_in: Mapping[str, Array] | None = None,
               fan_out: Mapping[str, Array] | None = None):
@@ -153,28 +185,16 @@ def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
   flat_old = tree.flatten(variables)
   fan_in = _check_slices(fan_in, s, IN, int(k), flat_old, "fan_in")
   fan_out = _check_slices(fan_out, s, OUT, int(k), flat_old, "fan_out")
-  new_model = widen_field(model, s.field, s.width + int(k))
-  want = _grown_shapes(new_model, rng)
-  gen = common.host_rng(rng)
+  new_model, want, slices = new_unit_slices(model, variables, site, int(k), rng)
+  for leaf in s.leaves:
+    given = (fan_in if leaf.side == IN else fan_out).get(leaf.name)
+    if given is not None:
+      slices[leaf.path] = np.asarray(given, slices[leaf.path].dtype)
   updates = {}
   for leaf in s.leaves:
     old = np.asarray(flat_old[leaf.path])
-    given = (fan_in if leaf.side == IN else fan_out).get(leaf.name)
-    shape = list(old.shape)
-    shape[leaf.axis] = k
-    if given is not None:
-      new = np.asarray(given, old.dtype)
-    elif leaf.add == "zero":
-      new = np.zeros(shape, old.dtype)
-    elif leaf.add == "mean":
-      new = np.repeat(old.mean(axis=leaf.axis, keepdims=True), k, axis=leaf.axis)
-    elif leaf.add == "fresh":
-      # Drawn for the grown leaf's shape (its fan-in sets the scale); ``shape`` is the slice.
-      new = common.host_init_leaf(leaf.path, tuple(shape), old.dtype, gen,
-                                  new_model.init_rule(leaf.path), full_shape=want[leaf.path])
-    else:
-      raise ValueError(f"Leaf {leaf.path!r} has unknown add rule {leaf.add!r}.")
-    updates[leaf.path] = to_device(np.concatenate([old, new.astype(old.dtype)], axis=leaf.axis))
+    updates[leaf.path] = to_device(np.concatenate([old, slices[leaf.path].astype(old.dtype)],
+                                                  axis=leaf.axis))
   grown = _set_leaves(variables, updates)
   _check_grown(grown, want, s)
   if s.preserve is not None:

@@ -26,19 +26,24 @@ from growjax.nets import common
 from growjax.nets.sites import IN, OUT, Leaf, Site
 
 
-def _conv_unit(psi, h, *, pool, dw, stride_pool=2):
-  """New channels: conv → BN(eval) → ReLU → [pool] → [depthwise → BN → ReLU]."""
+def _conv_unit(psi, h, *, pool, dw, linear=False):
+  """New channels: conv → BN(eval) → ReLU → [pool] → [depthwise → BN → ReLU].
+
+  ``linear``: BatchNorm and ReLU replaced by the identity (the linearisation used by the
+  first-order baselines); pooling kept.
+  """
   y = common.conv(h, psi["kernel"])
-  y = common.batch_norm_eval(y, psi["bn_scale"], psi["bn_bias"], psi["bn_mean"], psi["bn_var"])
-  y = nn.relu(y)
-  if pool:
-    y = common.max_pool(y, stride_pool)
-  if dw:
-    k = y.shape[-1]
-    y = common.conv(y, psi["dw_kernel"], groups=k)
-    y = common.batch_norm_eval(y, psi["dwbn_scale"], psi["dwbn_bias"], psi["dwbn_mean"],
-                               psi["dwbn_var"])
+  if not linear:
+    y = common.batch_norm_eval(y, psi["bn_scale"], psi["bn_bias"], psi["bn_mean"], psi["bn_var"])
     y = nn.relu(y)
+  if pool:
+    y = common.max_pool(y)
+  if dw:
+    y = common.conv(y, psi["dw_kernel"], groups=y.shape[-1])
+    if not linear:
+      y = common.batch_norm_eval(y, psi["dwbn_scale"], psi["dwbn_bias"], psi["dwbn_mean"],
+                                 psi["dwbn_var"])
+      y = nn.relu(y)
   return y
 
 
@@ -73,11 +78,12 @@ def _fan_out_dense(omega, a):
   return common.dense(a, omega["kernel"])
 
 
-def _dense_unit(psi, h, *, flat_input):
+def _dense_unit(psi, h, *, flat_input, linear=False):
   if flat_input:
-    y = jnp.einsum("bhwc,hwck->bk", h, psi["kernel"])
-    return nn.relu(y + common.expand_to(psi["bias"], 2))
-  return nn.relu(common.dense(h, psi["kernel"], psi["bias"]))
+    y = jnp.einsum("bhwc,hwck->bk", h, psi["kernel"]) + common.expand_to(psi["bias"], 2)
+  else:
+    y = common.dense(h, psi["kernel"], psi["bias"])
+  return y if linear else nn.relu(y)
 
 
 @common.register

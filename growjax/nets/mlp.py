@@ -17,8 +17,9 @@ from growjax.nets import common
 from growjax.nets.sites import IN, OUT, Leaf, Site
 
 
-def _fan_in(psi, h, act):
-  return act(common.dense(h, psi["kernel"], psi["bias"]))
+def _fan_in(psi, h, act, linear=False):
+  y = common.dense(h, psi["kernel"], psi["bias"])
+  return y if linear else act(y)
 
 
 def _fan_out(omega, a):

@@ -46,8 +46,10 @@ class PreActBlock(nn.Module):
     return shortcut + gate * y
 
 
-def _inner_fan_in(psi, h, *, stride):
+def _inner_fan_in(psi, h, *, stride, linear=False):
   y = common.conv(h, psi["kernel"], strides=stride)
+  if linear:
+    return y
   y = common.batch_norm_eval(y, psi["bn_scale"], psi["bn_bias"], psi["bn_mean"], psi["bn_var"])
   return nn.relu(y)
 

@@ -73,7 +73,9 @@ class Site:
       candidates) or ``"stream"`` (a residual stream written and read by many layers).
     h_path: intermediates path of the producer input (``None`` for stream sites).
     u_path: perturbations path of the consumer pre-activation (``None`` for stream sites).
-    fan_in: ``(psi, h) -> a`` [..., k] new-unit activations at the consumer input.
+    fan_in: ``(psi, h, linear=False) -> a`` [..., k] new-unit activations at the consumer input;
+      ``linear=True`` replaces activations and normalisations by the identity (their
+      linearisation at zero, used by first-order baselines such as TINY and GradMax).
     fan_out: ``(omega, a) -> delta`` with the shape of ``u``.
     calibrate: ``(psi, h) -> psi`` filling data-dependent per-unit statistics (identity if None).
     preserve: optional ``(model, variables, old_width, k) -> (model, variables)`` adjustment of

@@ -73,10 +73,14 @@ def _proj(h, kernel, bias):
   return y if bias is None else y + bias.reshape(1, 1, *bias.shape)
 
 
-def _heads_fan_in(psi, h, *, causal, rope_theta):
+def _heads_fan_in(psi, h, *, causal, rope_theta, linear=False):
+  v = _proj(h, psi["v_kernel"], psi.get("v_bias"))
+  if linear:
+    # Linearised at Ψ = 0: q = k = 0, so attention is uniform over the visible positions.
+    zeros = jnp.zeros_like(v)
+    return attend(zeros, zeros, v, causal=causal)
   q = _proj(h, psi["q_kernel"], psi.get("q_bias"))
   k = _proj(h, psi["k_kernel"], psi.get("k_bias"))
-  v = _proj(h, psi["v_kernel"], psi.get("v_bias"))
   if rope_theta:
     q, k = rope(q, rope_theta), rope(k, rope_theta)
   return attend(q, k, v, causal=causal)
@@ -86,8 +90,11 @@ def _heads_fan_out(omega, a):
   return jnp.einsum("bthe,hed->btd", a, omega["kernel"])
 
 
-def _mlp_fan_in(psi, h, *, act):
+def _mlp_fan_in(psi, h, *, act, linear=False):
   y = common.dense(h, psi["kernel"], psi.get("bias"))
+  if linear:
+    # For SwiGLU the product act(x W_g)(x W_in) is second order at Ψ = 0; keep its linear part.
+    return y
   if "gate_kernel" in psi:
     return act(common.dense(h, psi["gate_kernel"], psi.get("gate_bias"))) * y
   return act(y)

@@ -1,0 +1,380 @@
+"""One growth round: candidates at every site, ranking, budget, line search, λ adaptation.
+
+``grow_round`` implements the round of Lawton, Galstyan & Ver Steeg (2024, arXiv:2411.05855):
+collect statistics on a batch → learn and score candidates (k new units, k from the config) at
+every site with the configured method → rank by score per added parameter (or FLOP) → fill the
+round's budget greedily (one morphism per site; before each further morphism the statistics are
+recollected on the grown network and the candidate re-solved, since gains are not additive) →
+apply each with a line search on the scale γ of its fan-out on the real loss → log predicted and
+realised loss change and adapt λ Levenberg-Marquardt-style (ρ < ¼: λ×2; ρ > ¾: λ/2). A candidate
+with a NaN, or (for model-based methods) a predicted gain ≤ 0, is rejected, logged, not applied.
+
+``Searcher`` owns the jitted functions (compiled once per model config, site, k and method) and
+is the object callers keep across rounds and seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from growjax import morph, tree
+from growjax.curvature.losses import Loss, get_loss
+from growjax.grow import candidates as C
+from growjax.grow.stats import Stats, make_stats_fn
+from growjax.nets.common import host_rng
+from growjax.nets.sites import IN, OUT, Site
+
+Array = jax.Array
+
+MODEL_BASED = ("gn", "tiny")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowConfig:
+  """What a growth round does.
+
+  Attributes:
+    method: one of ``growjax.grow.candidates.METHODS`` or ``"net2net"``.
+    ks: numbers of new units tried per site.
+    sites: site names to consider (None: every ``units`` site).
+    rank_by: ``"params"`` or ``"flops"`` (score per added parameter / FLOP).
+    round_budget: parameters that one round may add (at least one morphism is applied).
+    max_morphisms: morphisms per round at most.
+    gammas: fan-out scales tried by the line search (0 keeps the function).
+    damping: initial λ.
+    adapt_damping: Levenberg-Marquardt adaptation of λ from ρ = realised / predicted.
+    damping_bounds: λ is kept in this range.
+    relinearize: extra re-linearisation rounds of the GN solve (LM iterations).
+    learn: candidate-learning hyper-parameters.
+  """
+  method: str = "gn"
+  ks: tuple[int, ...] = (1, 2, 4, 8)
+  sites: tuple[str, ...] | None = None
+  rank_by: str = "params"
+  round_budget: int = 10**9
+  max_morphisms: int = 1
+  gammas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+  damping: float = 2e-3
+  adapt_damping: bool = True
+  damping_bounds: tuple[float, float] = (1e-6, 10.0)
+  relinearize: int = 0
+  learn: C.LearnConfig = C.LearnConfig()
+
+  def validate(self) -> None:
+    methods = C.METHODS + ("net2net",)
+    if self.method not in methods:
+      raise ValueError(f"GrowConfig.method must be one of {methods}, got {self.method!r}.")
+    if not self.ks or any(int(k) <= 0 for k in self.ks):
+      raise ValueError(f"GrowConfig.ks must be positive unit counts, got {self.ks!r}.")
+    if self.rank_by not in ("params", "flops"):
+      raise ValueError(f"GrowConfig.rank_by must be 'params' or 'flops', got {self.rank_by!r}.")
+    if self.learn.fan_out_solver not in ("cg", "kfac"):
+      raise ValueError("GrowConfig.learn.fan_out_solver must be 'cg' or 'kfac', got "
+                       f"{self.learn.fan_out_solver!r}.")
+    if not self.damping > 0:
+      raise ValueError(f"GrowConfig.damping must be positive, got {self.damping}.")
+
+
+class Candidate(NamedTuple):
+  """A learned, scored candidate morphism (host-side record with device arrays)."""
+  site: str
+  k: int
+  method: str
+  psi: dict
+  omega: dict
+  predicted: float
+  score: float
+  params: int
+  flops: int
+  seconds: float
+
+  def rank_value(self, rank_by: str) -> float:
+    cost = self.params if rank_by == "params" else self.flops
+    return self.score / max(cost, 1)
+
+
+class Searcher:
+  """Jitted statistics, learners and line searches for one loss and config (reused across
+  rounds, seeds and models; compiled per model config / site / k / method on first use)."""
+
+  def __init__(self, loss: str | Loss, config: GrowConfig):
+    config.validate()
+    self.loss = get_loss(loss)
+    self.config = config
+    self._cache: dict[Any, Any] = {}
+
+  # -- compiled pieces ------------------------------------------------------------------------
+
+  def _jit(self, key, build):
+    if key not in self._cache:
+      self._cache[key] = build()
+    return self._cache[key]
+
+  def site_names(self, model: nn.Module) -> tuple[str, ...]:
+    sites = model.growth_sites()
+    names = self.config.sites or tuple(n for n, s in sites.items() if s.kind == "units")
+    for n in names:
+      if n not in sites:
+        raise KeyError(f"GrowConfig.sites names {n!r}, not a site of {type(model).__name__}; "
+                       f"available: {sorted(sites)}.")
+    return tuple(names)
+
+  def stats(self, model: nn.Module, variables, x, y, names: Sequence[str],
+            offsets: Mapping[str, Array] | None = None) -> Stats:
+    fn = self._jit(("stats", model, tuple(names), offsets is not None),
+                   lambda: jax.jit(make_stats_fn(model, self.loss, names)))
+    return fn(variables, x, y, offsets) if offsets is not None else fn(variables, x, y)
+
+  def learner(self, model: nn.Module, name: str, method: str):
+    site = model.growth_sites()[name]
+    cfg = self.config.learn
+    loss = self.loss
+
+    def build():
+      if method == "gn":
+        f = lambda v, ss, x, y, psi0, om0, lam, base: C.learn_gn(
+            site, ss, y, loss, psi0, om0, cfg, lam, base)
+      elif method == "tiny":
+        f = lambda v, ss, x, y, psi0, om0, lam, base: C.learn_tiny(
+            site, ss, y, loss, psi0, om0, cfg, lam)
+      elif method == "gradmax":
+        f = lambda v, ss, x, y, psi0, om0, lam, base: C.learn_gradmax(
+            site, ss, y, loss, psi0, om0, cfg)
+      elif method in ("firefly", "oracle"):
+        steps = cfg.firefly_steps if method == "firefly" else cfg.oracle_steps
+        lrs = (cfg.firefly_lr,) if method == "firefly" else tuple(cfg.oracle_lrs)
+        f = lambda v, ss, x, y, psi0, om0, lam, base: C.learn_real(
+            model, loss, site, v, ss, x, y, psi0, om0, steps, lrs)
+      elif method == "random":
+        f = lambda v, ss, x, y, psi0, om0, lam, base: C.Learned(
+            C.calibrated(site, psi0, ss.h), om0, jnp.zeros(()), jnp.zeros(()))
+      else:
+        raise ValueError(f"No learner for method {method!r}.")
+      return jax.jit(f)
+
+    return self._jit(("learn", model, name, method), build)
+
+  def losses_at(self, model: nn.Module, name: str):
+    """``(variables, psi, omega, x, y, h, gammas) -> [G]`` real mean loss per fan-out scale."""
+    site = model.growth_sites()[name]
+    loss = self.loss
+
+    def build():
+      def f(variables, psi, omega, x, y, h, gammas):
+        return jax.vmap(lambda g: C.real_loss(
+            model, loss, site, variables, psi, jax.tree.map(lambda o: g * o, omega), x, y,
+            h=h))(gammas)
+      return jax.jit(f)
+
+    return self._jit(("losses", model, name), build)
+
+  def site_input(self, model: nn.Module, name: str):
+    site = model.growth_sites()[name]
+
+    def build():
+      def f(variables, x):
+        _, cache = model.apply(variables, x, mutable=["intermediates"])
+        return tree.get(cache, site.h_path + "/0")
+      return jax.jit(f)
+
+    return self._jit(("h", model, name), build)
+
+  # -- candidates ---------------------------------------------------------------------------
+
+  def templates(self, model, variables, name: str, k: int, rng) -> tuple[dict, dict]:
+    """Initial fan-in (the model's initialiser) and zero fan-out for ``k`` units."""
+    site = model.growth_sites()[name]
+    _, _, slices = morph.new_unit_slices(model, variables, name, k, rng)
+    psi0 = {l.name: jax.device_put(slices[l.path]) for l in site.in_leaves}
+    om0 = {l.name: jax.device_put(np.zeros_like(slices[l.path])) for l in site.out_leaves}
+    if len(om0) != 1:
+      raise ValueError(f"Site {name!r} has {len(om0)} fan-out leaves; candidate learning needs "
+                       "exactly one consumer kernel.")
+    return psi0, om0
+
+  def candidate(self, model, variables, stats: Stats, name: str, k: int, method: str,
+                damping: float, rng, psi0=None) -> Candidate:
+    """Learns one candidate (``k`` units at site ``name`` with ``method``) on ``stats``."""
+    site = model.growth_sites()[name]
+    t0 = time.perf_counter()
+    tpl_psi, om0 = self.templates(model, variables, name, k, rng)
+    if method == "gn" and psi0 is None and self.config.learn.psi_init == "tiny":
+      psi0 = self.candidate(model, variables, stats, name, k, "tiny", damping, rng).psi
+    psi0 = tpl_psi if psi0 is None else psi0
+    ss = stats.sites[name]
+    learned = self.learner(model, name, method)(
+        variables, ss, stats.x, stats.y, psi0, om0, jnp.asarray(damping, jnp.float32),
+        jnp.zeros(()))
+    learned = jax.device_get(learned)
+    per_unit = site.params_per_unit(variables)
+    return Candidate(site=name, k=k, method=method, psi=learned.psi, omega=learned.omega,
+                     predicted=float(learned.predicted), score=float(learned.score),
+                     params=per_unit * k, flops=site.flops_per_unit(variables) * k,
+                     seconds=time.perf_counter() - t0)
+
+  def relinearized(self, model, variables, stats: Stats, cand: Candidate, rounds: int,
+                   damping: float) -> Candidate:
+    """Levenberg-Marquardt rounds: re-linearise the upper network at the current candidate
+    and solve again (``rounds`` times); the prediction is measured from the base point."""
+    name = cand.site
+    site = model.growth_sites()[name]
+    t0 = time.perf_counter()
+    ss = stats.sites[name]
+    psi, omega = cand.psi, cand.omega
+    learner = self._jit(("relin", model, name), lambda: jax.jit(
+        lambda ss, y, psi0, om0, lam, base: C.learn_gn(site, ss, y, self.loss, psi0, om0,
+                                                       self.config.learn, lam, base)))
+    for _ in range(rounds):
+      delta = C.candidate_delta(site, psi, omega, ss.h)
+      st2 = self.stats(model, variables, stats.x, stats.y, (name,), offsets={name: delta})
+      out = learner(st2.sites[name], stats.y, psi, omega, jnp.asarray(damping, jnp.float32),
+                    delta)
+      psi, omega = jax.device_get(out.psi), jax.device_get(out.omega)
+    pred = float(-C.gn_model(ss.lin, self.loss, stats.y,
+                             C.candidate_delta(site, psi, omega, ss.h)))
+    return cand._replace(psi=psi, omega=omega, predicted=pred, score=pred,
+                         seconds=cand.seconds + time.perf_counter() - t0)
+
+  def real_losses(self, model, variables, cand: Candidate, x, y, gammas, h=None) -> np.ndarray:
+    if h is None:
+      h = self.site_input(model, cand.site)(variables, x)
+    return np.asarray(self.losses_at(model, cand.site)(variables, cand.psi, cand.omega, x, y, h,
+                                                       jnp.asarray(gammas, jnp.float32)))
+
+
+class RoundResult(NamedTuple):
+  model: nn.Module
+  variables: dict
+  records: list[dict]
+  damping: float
+  candidates: list[Candidate]
+
+
+def _finite(c: Candidate) -> bool:
+  vals = [c.predicted, c.score] + [float(np.sum(np.asarray(a))) for a in
+                                   jax.tree.leaves((c.psi, c.omega))]
+  return all(math.isfinite(v) for v in vals)
+
+
+def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping: float,
+               rng: Array, budget: int | None = None) -> RoundResult:
+  """One growth round on the statistics batch ``(x, y)`` (see module docstring).
+
+  Returns:
+    ``RoundResult(model, variables, records, damping, candidates)``; ``records`` holds one dict
+    per applied or rejected morphism (``op``: ``"add_units"`` / ``"split_units"`` /
+    ``"rejected"``) with predicted and realised loss changes, γ, ρ and λ.
+  """
+  cfg = searcher.config
+  budget = cfg.round_budget if budget is None else budget
+  names = searcher.site_names(model)
+  gen = host_rng(rng)
+  records: list[dict] = []
+  if cfg.method in ("random", "net2net"):
+    return _structural_round(searcher, model, variables, x, y, names, gen, rng, budget, damping)
+
+  stats = searcher.stats(model, variables, x, y, names)
+  base_loss = float(stats.loss)
+  cands = []
+  for name in names:
+    for k in cfg.ks:
+      cands.append(searcher.candidate(model, variables, stats, name, int(k), cfg.method,
+                                      damping, jax.random.fold_in(rng, zlib.crc32(
+                                          f"{name}/{k}".encode()))))
+  all_cands = list(cands)
+  ranked = sorted(cands, key=lambda c: -c.rank_value(cfg.rank_by))
+  used_sites: set[str] = set()
+  spent = 0
+  applied = 0
+  for cand in ranked:
+    if applied >= cfg.max_morphisms or cand.site in used_sites:
+      continue
+    if applied and spent + cand.params > budget:
+      continue
+    if applied:
+      # Gains are not additive: re-solve this candidate on the grown network.
+      stats = searcher.stats(model, variables, x, y, (cand.site,))
+      cand = searcher.candidate(model, variables, stats, cand.site, cand.k, cfg.method,
+                                damping, rng)
+      base_loss = float(stats.loss)
+    if cfg.method == "gn" and cfg.relinearize:
+      cand = searcher.relinearized(model, variables, stats, cand, cfg.relinearize, damping)
+    reason = None
+    if not _finite(cand):
+      reason = "non-finite candidate (NaN/inf)"
+    elif cfg.method in MODEL_BASED and cand.predicted <= 0:
+      reason = f"predicted gain {cand.predicted:.3g} <= 0"
+    if reason is not None:
+      records.append({"op": "rejected", "site": cand.site, "k": cand.k, "method": cfg.method,
+                      "reason": reason, "predicted": cand.predicted, "damping": damping})
+      used_sites.add(cand.site)
+      continue
+    gammas = np.asarray(cfg.gammas, np.float32)
+    losses = searcher.real_losses(model, variables, cand, x, y, gammas,
+                                  h=stats.sites[cand.site].h)
+    if not np.all(np.isfinite(losses)):
+      records.append({"op": "rejected", "site": cand.site, "k": cand.k, "method": cfg.method,
+                      "reason": "non-finite loss in the line search", "damping": damping})
+      used_sites.add(cand.site)
+      continue
+    best = int(np.argmin(losses))
+    gamma = float(gammas[best])
+    realised = base_loss - float(losses[best])
+    full = int(np.argmin(np.abs(gammas - 1.0)))
+    realised_full = base_loss - float(losses[full])
+    rho = realised_full / cand.predicted if cand.predicted > 0 else float("nan")
+    old_damping = damping
+    if cfg.adapt_damping and cfg.method in MODEL_BASED and math.isfinite(rho):
+      lo, hi = cfg.damping_bounds
+      if rho < 0.25:
+        damping = min(damping * 2.0, hi)
+      elif rho > 0.75:
+        damping = max(damping / 2.0, lo)
+    omega = jax.tree.map(lambda o: gamma * np.asarray(o), cand.omega)
+    model, variables, rec = morph.add_units(model, variables, cand.site, cand.k, rng=rng,
+                                            fan_in=cand.psi, fan_out=omega)
+    rec.update({"method": cfg.method, "predicted": cand.predicted, "realised": realised,
+                "realised_at_1": realised_full, "gamma": gamma, "rho": rho,
+                "damping": old_damping, "damping_next": damping, "score": cand.score,
+                "flops_added": cand.flops, "loss_before": base_loss,
+                "seconds_learn": cand.seconds})
+    records.append(rec)
+    used_sites.add(cand.site)
+    spent += cand.params
+    applied += 1
+  return RoundResult(model, variables, records, damping, all_cands)
+
+
+def _structural_round(searcher, model, variables, x, y, names, gen, rng, budget, damping):
+  """Random growth (zero fan-out at random sites) and Net2Net splitting of random units."""
+  cfg = searcher.config
+  records = []
+  spent = 0
+  order = list(gen.permutation(len(names)))
+  for i in order[:cfg.max_morphisms]:
+    name = names[i]
+    site = model.growth_sites()[name]
+    k = int(cfg.ks[gen.integers(len(cfg.ks))]) if len(cfg.ks) > 1 else int(cfg.ks[0])
+    params = site.params_per_unit(variables) * k
+    if records and spent + params > budget:
+      continue
+    if cfg.method == "net2net":
+      units = sorted(gen.choice(site.width, size=min(k, site.width), replace=False).tolist())
+      model, variables, rec = morph.split_units(model, variables, name, units,
+                                                ratio=float(gen.uniform(0.3, 0.7)))
+    else:
+      model, variables, rec = morph.add_units(model, variables, name, k, rng=rng)
+    rec.update({"method": cfg.method, "predicted": 0.0, "realised": 0.0, "gamma": 0.0,
+                "damping": damping})
+    records.append(rec)
+    spent += params
+  return RoundResult(model, variables, records, damping, [])
