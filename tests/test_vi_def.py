@@ -438,6 +438,7 @@ def test_bad_input_raises_clear_errors():
 # The experiment.
 
 
+@pytest.mark.slow
 def test_fm_bound_experiment_quick(tmp_path):
   from experiments.configs import fm_bound as fm_config
   from experiments import fm_bound

@@ -46,7 +46,11 @@ form on each iteration; the methods differ in how they move the means:
   sqrt(v_k)`` (``mixture="abs_w_sqrt_v"``: the ``pi`` that minimises the bound's slack in the
   variance terms ``sum_i W_ci^2 v_i / pi_ci``). Since the variances are set to ``1/Lam_ii`` in
   closed form, ``pi`` and ``P`` are constants of the model and are computed once by ``init``.
-  For a forest ``pi = 1`` and ``P = Lam``: a one-latent-layer forest is solved in one iteration.
+  Written out, ``P_i = Lam_ii + sum_c sum_{j != i} |W_ci W_cj| sqrt(v_j / v_i) / s_c``: a
+  diagonal majoriser of the precision built child by child (any ``pi`` keeps ``P >= Lam``, hence
+  monotone ascent; this one is a scaled l1-Jacobi bound). For a forest ``pi = 1`` and
+  ``P = Lam``: FM is then exact coordinate ascent over whole layers (in a one-latent-layer forest
+  the optimum after one iteration; deeper forests still couple adjacent layers).
 
 All updates are vectorised over a layer; layers are swept bottom-up (``1..L``). Everything is
 jit-able; the caller jits (e.g. ``jax.jit(functools.partial(solve, solver))(model)``).
