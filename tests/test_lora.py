@@ -73,6 +73,13 @@ def test_only_adapters_get_gradients_and_optimizer_state(mlp):
   assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(g_params))
   assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(
       jax.tree.map(lambda d: d["b"], g_adapters, is_leaf=lambda d: isinstance(d, dict) and "b" in d)))
+  # lora.value_and_grad gives the same value and adapter gradients.
+  value, g = jax.jit(lo.value_and_grad(lambda p, xb: jnp.mean(apply_fn(p, xb) ** 2)))(
+      params, adapters, x)
+  np.testing.assert_allclose(float(value), float(loss(params, adapters)), rtol=1e-6)
+  for u, v in zip(jax.tree.leaves(g), jax.tree.leaves(g_adapters)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-7)
+  assert jax.tree.structure(g) == jax.tree.structure(adapters)
   # Separate adapter tree: the optimizer state only holds adapter-shaped moments.
   tx = optax.adam(1e-2)
   state = tx.init(adapters)

@@ -190,10 +190,12 @@ def test_double_quant_bit_identical_to_bitsandbytes_reference(shape, bnb_lut):
   np.testing.assert_array_equal(np.asarray(q.scales.codes), q8)
   np.testing.assert_array_equal(np.asarray(q.scales.scale2), am2)
   np.testing.assert_array_equal(np.asarray(q.scales.dequantize()), back)
+  # Under jit too (XLA would otherwise contract code·scale2 + offset into one FMA).
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda s: s.dequantize())(q.scales)), back)
   code = np.array(NF4_BNB, F32)
   codes = np.stack([packed >> 4, packed & 15], -1).reshape(-1)
   expect = (code[codes].reshape(-1, 64) * back[:, None]).astype(F32).reshape(shape)
-  np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), expect)
+  np.testing.assert_array_equal(np.asarray(_dequantize(q)), expect)
 
 
 def test_accurate_sum_is_correctly_rounded():
