@@ -149,7 +149,10 @@ def dequantize_first_level(codes: jnp.ndarray, scales: jnp.ndarray, zeros: jnp.n
                            config: formats.QuantConfig) -> jnp.ndarray:
   """``code[q] · scale (+ zero)`` per block: codes [n] uint8, scales/zeros [nb] -> [n] float32."""
   table = jnp.asarray(formats.code_book(config))
-  vals = table[codes.astype(jnp.int32)].reshape(scales.shape[0], -1)
+  # Codes index a table of 2^bits entries, so they are in bounds by construction; without the
+  # promise XLA clamps every index, which made dequantization ~1.5x slower on CPU.
+  vals = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+  vals = vals.reshape(scales.shape[0], -1)
   out = vals * scales.astype(jnp.float32)[:, None]
   if zeros is not None:
     out = out + zeros.astype(jnp.float32)[:, None]
