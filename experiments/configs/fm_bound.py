@@ -9,12 +9,15 @@ Command (from the repo root):
   python -m experiments.fm_bound --config=experiments/configs/fm_bound.py:quick \
       --workdir=/tmp/fm_bound_quick
 
-Expected on the 2-core CPU machine: default ~2 min. Forest-likeness 1.00 / 0.84 / 0.59 / 0.40 /
-0.36. FM needs 2 / 6 / 15 / 35 / 76 iterations under the stopping rule (sequential CAVI 2 / 4 /
-5 / 8 / 12 sweeps, each ~8x the cost of an FM iteration), so FM is faster than sequential CAVI at
-every eps under the rule (about 1.5-3x, noisy on a shared machine); to equal accuracy (gap 1e-6)
-its advantage shrinks as the model leaves the forest regime. Naive parallel CAVI diverges at
-eps >= 0.5; block CAVI (a greedy colouring of the co-parent graph) is the fastest at large eps.
+Expected on the 2-core CPU machine: default ~1 min. Forest-likeness 1.00 / 0.80 / 0.52 / 0.32 /
+0.27. Under the stopping rule FM takes 2 / 6 / 17 / 42 / 76 iterations, sequential CAVI 2 / 4 /
+5 / 8 / 12 sweeps, each sweep costing 6-9x an FM iteration; FM is faster than sequential CAVI
+at every eps (about 2x / 2.7x / 2.1x / 1.6x / 1.6x in the default run; noisy on a shared
+machine, with ~0.15-0.25 ms of fixed cost per solve for every method), but it stops farther
+from the optimum (relative gap up to 9e-6 at eps = 1 vs 3e-7). To equal accuracy (gap 1e-6)
+its advantage shrinks from ~2.4x at eps = 0.05 to ~1.1x at eps = 1, where block CAVI (a greedy
+colouring of the co-parent graph, 11 sweeps) is the fastest. Naive parallel CAVI is the
+fastest while it converges and diverges at eps >= 0.5.
 `quick` (300 x 150, eps 0 / 1, 2 repetitions): ~30 s.
 """
 
