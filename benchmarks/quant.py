@@ -226,7 +226,8 @@ def speed(reps: int) -> dict:
   q = ours(xj)
   pb, sb = bnbF.quantize_4bit(xt, blocksize=64, quant_type="nf4")
   deq_fresh = jax.jit(quant.dequantize)
-  deq_donated = jax.jit(lambda out, qt: quant.dequantize(qt), donate_argnums=0)
+  # keep_unused: the output buffer is not read, and jit would otherwise prune it (and the donation).
+  deq_donated = jax.jit(lambda out, qt: quant.dequantize(qt), donate_argnums=0, keep_unused=True)
   buf = [jnp.zeros((4096, 4096), jnp.float32)]
 
   def donated():

@@ -145,14 +145,38 @@ def quantize_first_level(x: jnp.ndarray, config: formats.QuantConfig) -> FirstLe
   return FirstLevel(codes.reshape(-1), absmax[:, 0], None)
 
 
-def dequantize_first_level(codes: jnp.ndarray, scales: jnp.ndarray, zeros: jnp.ndarray | None,
-                           config: formats.QuantConfig) -> jnp.ndarray:
-  """``code[q] · scale (+ zero)`` per block: codes [n] uint8, scales/zeros [nb] -> [n] float32."""
-  table = jnp.asarray(formats.code_book(config))
-  # Codes index a table of 2^bits entries, so they are in bounds by construction; without the
-  # promise XLA clamps every index, which made dequantization ~1.5x slower on CPU.
-  vals = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
-  vals = vals.reshape(scales.shape[0], -1)
+def _byte_table(config: formats.QuantConfig) -> np.ndarray:
+  """[256, 8/bits] float32: the code values of the codes packed in each possible byte."""
+  bits, code = config.bits, formats.code_book(config)
+  per = 8 // bits
+  byte = np.arange(256)
+  cols = [code[(byte >> (8 - bits * (j + 1))) & (2 ** bits - 1)] for j in range(per)]
+  return np.stack(cols, axis=1).astype(np.float32)
+
+
+def dequantize_first_level(packed: jnp.ndarray, scales: jnp.ndarray, zeros: jnp.ndarray | None,
+                           config: formats.QuantConfig, n: int) -> jnp.ndarray:
+  """``code[q] · scale (+ zero)`` per block from packed codes.
+
+  Args:
+    packed: [ceil(n·bits/8)] uint8 packed codes.
+    scales: [nb] first-level scales; zeros: [nb] zero points or None.
+    config: the format.
+    n: number of values.
+
+  Returns:
+    [n] float32.
+  """
+  idx = packed.astype(jnp.int32)
+  if config.bits in (2, 4, 8):
+    # One gather per byte from a [256, 8/bits] table of value tuples (2x faster than unpacking
+    # the codes and gathering each). Indices are bytes, in bounds by construction; without the
+    # promise XLA clamps every index.
+    vals = jnp.asarray(_byte_table(config)).at[idx].get(mode="promise_in_bounds")
+  else:
+    codes = packing.unpack(packed, config.bits, n).astype(jnp.int32)
+    vals = jnp.asarray(formats.code_book(config)).at[codes].get(mode="promise_in_bounds")
+  vals = vals.reshape(-1)[:n].reshape(scales.shape[0], -1)
   out = vals * scales.astype(jnp.float32)[:, None]
   if zeros is not None:
     out = out + zeros.astype(jnp.float32)[:, None]
@@ -239,11 +263,6 @@ def double_dequantize(second: SecondLevel, dq: formats.DoubleQuant, nb: int) -> 
     vals = codes.astype(jnp.float32) * (scale2 / np.float32(2 ** dq.bits - 1))
   vals = _rounded(vals, second.offset)
   return (vals.reshape(-1)[:nb] + second.offset).astype(jnp.float32)
-
-
-def packed_codes(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
-  """Packs unpacked codes [n] into [ceil(n·bits/8)] uint8 (``growjax.quant.packing``)."""
-  return packing.pack(codes, bits)
 
 
 def check_divisible(n: int, block: int, shape) -> None:

@@ -202,8 +202,7 @@ def dequantize(q: QuantizedTensor) -> jnp.ndarray:
   scales = q.scales.dequantize() if isinstance(q.scales, QuantizedScales) else q.scales
 
   def one(codes, sc, zeros):
-    unpacked = packing.unpack(codes, config.bits, n)
-    return blockwise.dequantize_first_level(unpacked, sc, zeros, config)
+    return blockwise.dequantize_first_level(codes, sc, zeros, config, n)
 
   flat = _map_batch(one, (q.codes, scales, q.zeros), n_batch)
   return flat.reshape(q.batch_shape + q.inner_shape).astype(q.dtype)
