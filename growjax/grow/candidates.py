@@ -83,17 +83,35 @@ class LearnConfig(NamedTuple):
 
 
 # ---- the pieces of a candidate ------------------------------------------------------------------
+#
+# Candidates of several sizes k are learned in one compiled call: templates hold k_max units and
+# a 0/1 ``units`` mask [k_max] switches units off. A masked unit's activation is zero, so it
+# neither changes δ nor receives gradient, and its fan-in is excluded from the damping term:
+# learning with a mask of k ones is exactly learning k units.
 
 def calibrated(site: Site, psi: Mapping[str, Array], h: Array) -> dict:
   """``psi`` with data-dependent per-unit statistics (BatchNorm) set from ``h``."""
   return dict(site.calibrate(psi, h)) if site.calibrate is not None else dict(psi)
 
 
-def candidate_delta(site: Site, psi, omega, h, linear: bool = False) -> Array:
+def _unit_broadcast(mask: Array, ndim: int, axis: int) -> Array:
+  shape = [1] * ndim
+  shape[axis] = mask.shape[0]
+  return mask.reshape(shape)
+
+
+def activations(site: Site, psi, h, linear: bool = False, units: Array | None = None) -> Array:
+  """New-unit activations ``a`` (BatchNorm calibrated on ``h``), masked by ``units``."""
+  a = site.fan_in(psi, h, linear=True) if linear else site.fan_in(calibrated(site, psi, h), h)
+  if units is not None:
+    a = a * _unit_broadcast(units.astype(a.dtype), a.ndim, a.ndim + site.a_axis)
+  return a
+
+
+def candidate_delta(site: Site, psi, omega, h, linear: bool = False,
+                    units: Array | None = None) -> Array:
   """``δ = fan_out(Ω, fan_in(Ψ, h))`` (calibrating BatchNorm statistics on ``h``)."""
-  if linear:
-    return site.fan_out(omega, site.fan_in(psi, h, linear=True))
-  return site.fan_out(omega, site.fan_in(calibrated(site, psi, h), h))
+  return site.fan_out(omega, activations(site, psi, h, linear, units))
 
 
 def _count(z: Array) -> int:
@@ -117,6 +135,16 @@ def _sq(t: PyTree) -> Array:
   return tree_vdot(t, t)
 
 
+def psi_norm(site: Site, psi: Mapping[str, Array], units: Array | None = None) -> Array:
+  """‖Ψ‖² over the active units."""
+  if units is None:
+    return _sq(psi)
+  axes = {l.name: l.axis for l in site.in_leaves}
+  parts = [jnp.sum(jnp.square(v) * _unit_broadcast(units.astype(v.dtype), v.ndim, axes[k]))
+           for k, v in psi.items()]
+  return sum(parts[1:], parts[0])
+
+
 def solve_quadratic(q: Callable[[PyTree], Array], x0: PyTree, damping: float | Array,
                     iters: int, tol: float = 1e-6) -> PyTree:
   """Minimiser of ``q(x) + (damping/2)‖x‖²`` for an exactly quadratic ``q`` (CG from ``x0``)."""
@@ -126,6 +154,25 @@ def solve_quadratic(q: Callable[[PyTree], Array], x0: PyTree, damping: float | A
   hvp = lambda v: jax.jvp(grad_q, (zero,), (v,))[1]
   return cg_solve(hvp, jax.tree.map(jnp.negative, b), x0=x0, damping=damping, maxiter=iters,
                   tol=tol).x
+
+
+def gn_fan_out(site: Site, lin, loss: Loss, y: Array, a: Array, omega0: dict, damping,
+               iters: int, delta_base: Array | None = None) -> dict:
+  """Exact minimiser in ``Ω`` of the damped GN model for fixed activations ``a``.
+
+  ``F Ω = J_u fan_out(Ω, a)`` is linear; CG on ``(Fᵀ H_z F / n + λ) Ω = −Fᵀ(g_z − H_z J δ_base)/n``
+  with ``Fᵀ`` by transposition (matrix-free, on the cached linearisation).
+  """
+  f = lambda om: lin.jvp(site.fan_out(om, a))
+  ft = jax.linear_transpose(f, omega0)
+  n = _count(lin.z)
+  g = loss.grad(lin.z, y)
+  if delta_base is not None:
+    g = g - loss.hvp(lin.z, y, lin.jvp(delta_base))
+  inv_n = jnp.asarray(1.0 / n, lin.z.dtype)
+  b = jax.tree.map(lambda t: -inv_n * t, ft(g)[0])
+  matvec = lambda v: jax.tree.map(lambda t: inv_n * t, ft(loss.hvp(lin.z, y, f(v)))[0])
+  return cg_solve(matvec, b, x0=omega0, damping=damping, maxiter=iters, tol=1e-6).x
 
 
 def fan_out_features(site: Site, a: Array, omega_shape: tuple[int, ...]) -> Array:
@@ -147,7 +194,8 @@ def kfac_fan_out(site: Site, ss: SiteStats, y: Array, loss: Loss, a: Array,
   """Fan-out from the closed form of the Kronecker-factored GN model (Martens & Grosse 2015).
 
   ``E[(ã ãᵀ) ⊗ J_uᵀ H J_u] ≈ A ⊗ S`` with ``A`` over (example, position) pairs and ``S`` the
-  per-position output curvature, computed exactly from the columns of ``H_z = L Lᵀ``.
+  per-position output curvature, computed exactly from the columns of ``H_z = L Lᵀ`` (exact for
+  non-sequence outputs; cross-position terms are dropped, as K-FAC does).
   """
   lin = ss.lin
   feats = fan_out_features(site, a, omega_shape)  # [n, P, D]
@@ -182,7 +230,8 @@ class Learned(NamedTuple):
 
 
 def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0: dict,
-             cfg: LearnConfig, damping: Array, delta_base: Array | None = None) -> Learned:
+             cfg: LearnConfig, damping: Array, delta_base: Array | None = None,
+             units: Array | None = None) -> Learned:
   """Learns ``(Ψ, Ω)`` on the damped GN model (see module docstring).
 
   Args:
@@ -195,21 +244,21 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
     cfg: hyper-parameters.
     damping: λ.
     delta_base: ``δ`` of the point the statistics were linearised at (re-linearisation), or None.
+    units: optional 0/1 mask [k] of the active units.
   """
   h, lin = ss.h, ss.lin
   name = site.out_leaves[0].name
   base = 0.0 if delta_base is None else delta_base
 
   def solve_omega(psi, omega_init, iters):
-    a = site.fan_in(calibrated(site, psi, h), h)
+    a = activations(site, psi, h, units=units)
     if cfg.fan_out_solver == "kfac":
       return kfac_fan_out(site, ss, y, loss, a, omega_init[name].shape, damping, delta_base)
-    return solve_quadratic(lambda om: gn_model(lin, loss, y, site.fan_out(om, a) - base),
-                           omega_init, damping, iters)
+    return gn_fan_out(site, lin, loss, y, a, omega_init, damping, iters, delta_base)
 
   def objective(psi, omega):
-    d = candidate_delta(site, psi, omega, h) - base
-    return gn_model(lin, loss, y, d) + 0.5 * damping * (_sq(psi) + _sq(omega))
+    d = candidate_delta(site, psi, omega, h, units=units) - base
+    return gn_model(lin, loss, y, d) + 0.5 * damping * (psi_norm(site, psi, units) + _sq(omega))
 
   omega = solve_omega(psi0, omega0, cfg.cg_iters)
   opt = optax.adam(cfg.psi_lr)
@@ -235,7 +284,7 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
   _, psi, omega = best
   omega = solve_omega(psi, omega, cfg.cg_iters)
   psi = calibrated(site, psi, h)
-  pred = -gn_model(lin, loss, y, candidate_delta(site, psi, omega, h) - base)
+  pred = -gn_model(lin, loss, y, candidate_delta(site, psi, omega, h, units=units) - base)
   return Learned(psi, omega, pred, pred)
 
 
@@ -246,7 +295,7 @@ def _linear_psi_mask(psi: Mapping[str, Array]) -> dict:
 
 
 def learn_tiny(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0: dict,
-               cfg: LearnConfig, damping: Array) -> Learned:
+               cfg: LearnConfig, damping: Array, units: Array | None = None) -> Learned:
   """TINY-style: alternating least squares on the identity-curvature, linearised model."""
   h, lin = ss.h, ss.lin
   n = _count(lin.z)
@@ -256,10 +305,7 @@ def learn_tiny(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omeg
 
   def q(free, omega):
     psi = {**fixed, **free}
-    return tiny_model(g_u, n, candidate_delta(site, psi, omega, h, linear=True))
-
-  free = {k: v for k, v in psi0.items() if mask[k]}
-  omega = omega0
+    return tiny_model(g_u, n, candidate_delta(site, psi, omega, h, linear=True, units=units))
 
   def body(_, carry):
     free, omega = carry
@@ -267,33 +313,40 @@ def learn_tiny(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omeg
     free = solve_quadratic(lambda fr: q(fr, omega), free, damping, cfg.cg_iters)
     return free, omega
 
-  free, omega = jax.lax.fori_loop(0, cfg.tiny_iters, body, (free, omega))
+  free = {k: v for k, v in psi0.items() if mask[k]}
+  free, omega = jax.lax.fori_loop(0, cfg.tiny_iters, body, (free, omega0))
   psi = calibrated(site, {**fixed, **free}, h)
   score = -q(free, omega)
-  pred = -gn_model(lin, loss, y, candidate_delta(site, psi, omega, h))
+  pred = -gn_model(lin, loss, y, candidate_delta(site, psi, omega, h, units=units))
   return Learned(psi, omega, pred, score)
 
 
 def learn_gradmax(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0: dict,
-                  cfg: LearnConfig) -> Learned:
-  """GradMax: zero fan-in, fan-out maximising the fan-in gradient norm (top-k SVD)."""
+                  cfg: LearnConfig, units: Array | None = None) -> Learned:
+  """GradMax: zero fan-in, fan-out maximising the fan-in gradient norm (top-k SVD).
+
+  The map from one unit's fan-out ``ω`` to the gradient of the loss in its (linearised) fan-in
+  at zero is linear; its top right singular vectors are the fan-outs that maximise the initial
+  gradient norm of the new fan-in. ``units`` keeps the first active ones.
+  """
   h, lin = ss.h, ss.lin
   n = _count(lin.z)
   g_u = lin.vjp(loss.grad(lin.z, y))
   name = site.out_leaves[0].name
+  out_axis = site.out_leaves[0].axis
   mask = _linear_psi_mask(psi0)
-  k = omega0[name].shape[site.out_leaves[0].axis]
-  unit_psi = {key: jax.lax.slice_in_dim(v, 0, 1, axis=_in_axis(site, key))
-              for key, v in psi0.items() if mask[key]}
+  axes = {l.name: l.axis for l in site.in_leaves}
+  k = omega0[name].shape[out_axis]
+  one = lambda v, key: jax.lax.slice_in_dim(v, 0, 1, axis=axes[key])
+  zero_psi = {key: jnp.zeros_like(one(v, key)) for key, v in psi0.items() if mask[key]}
+  fixed1 = {key: one(v, key) for key, v in psi0.items() if not mask[key]}
   unit_shape = list(omega0[name].shape)
-  unit_shape[site.out_leaves[0].axis] = 1
-  zero_psi = jax.tree.map(jnp.zeros_like, unit_psi)
-  fixed1 = {key: jax.lax.slice_in_dim(v, 0, 1, axis=_in_axis(site, key))
-            for key, v in psi0.items() if not mask[key]}
+  unit_shape[out_axis] = 1
 
   def fan_in_grad(om_flat):
     om = {name: om_flat.reshape(unit_shape)}
-    f = lambda ps: jnp.sum(g_u * candidate_delta(site, {**fixed1, **ps}, om, h, linear=True)) / n
+    f = lambda ps: jnp.sum(g_u * candidate_delta(site, {**fixed1, **ps}, om, h,
+                                                 linear=True)) / n
     return jax.flatten_util.ravel_pytree(jax.grad(f)(zero_psi))[0]
 
   dim = int(np.prod(unit_shape))
@@ -301,42 +354,42 @@ def learn_gradmax(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, o
   _, s, vt = jnp.linalg.svd(gmat.T, full_matrices=False)  # right singular vectors in ω-space
   kk = min(k, vt.shape[0])
   cols = vt[:kk] * cfg.gradmax_scale  # [k, dim_ω]
+  sv = jnp.square(s[:kk])
   if kk < k:
     cols = jnp.concatenate([cols, jnp.zeros((k - kk, dim), cols.dtype)], axis=0)
-  axis = site.out_leaves[0].axis
-  units = [cols[i].reshape(unit_shape) for i in range(k)]
-  omega = {name: jnp.concatenate(units, axis=axis)}
-  psi = {key: (jnp.zeros_like(v) if mask[key] else v) for key, v in psi0.items()}
-  psi = calibrated(site, psi, h)
-  score = jnp.sum(jnp.square(s[:kk]))
-  pred = -gn_model(lin, loss, y, candidate_delta(site, psi, omega, h))
-  return Learned(psi, omega, pred, score)
-
-
-def _in_axis(site: Site, name: str) -> int:
-  for leaf in site.in_leaves:
-    if leaf.name == name:
-      return leaf.axis
-  raise KeyError(name)
+    sv = jnp.concatenate([sv, jnp.zeros((k - kk,), sv.dtype)])
+  if units is not None:
+    cols = cols * units[:, None].astype(cols.dtype)
+    sv = sv * units.astype(sv.dtype)
+  omega = {name: jnp.concatenate([cols[i].reshape(unit_shape) for i in range(k)],
+                                 axis=out_axis)}
+  psi = calibrated(site, {key: (jnp.zeros_like(v) if mask[key] else v)
+                          for key, v in psi0.items()}, h)
+  pred = -gn_model(lin, loss, y, candidate_delta(site, psi, omega, h, units=units))
+  return Learned(psi, omega, pred, jnp.sum(sv))
 
 
 def real_loss(model: nn.Module, loss: Loss, site: Site, variables, psi, omega, x, y,
-              h: Array | None = None) -> Array:
+              h: Array | None = None, units: Array | None = None) -> Array:
   """Mean real loss of the network with the candidate applied (perturbation at ``u``).
 
-  ``h``: the cached producer input for ``x`` (recomputed by a forward pass if None).
+  ``psi`` is used as given (already calibrated). ``h``: the cached producer input for ``x``
+  (recomputed by a forward pass if None).
   """
   if h is None:
     _, cache = model.apply(variables, x, mutable=["intermediates"])
     h = tree.get(cache, site.h_path + "/0")
-  d = site.fan_out(omega, site.fan_in(psi, h))
+  a = site.fan_in(psi, h)
+  if units is not None:
+    a = a * _unit_broadcast(units.astype(a.dtype), a.ndim, a.ndim + site.a_axis)
+  d = site.fan_out(omega, a)
   z = perturbed_apply(model, variables, x, {site.u_path: d})
   return jnp.mean(loss.value(z, y))
 
 
 def learn_real(model: nn.Module, loss: Loss, site: Site, variables, ss: SiteStats, x: Array,
-               y: Array, psi0: dict, omega0: dict, steps: int, lrs: tuple[float, ...]
-               ) -> Learned:
+               y: Array, psi0: dict, omega0: dict, steps: int, lrs: tuple[float, ...],
+               units: Array | None = None) -> Learned:
   """Adam on the real loss of the statistics batch (Firefly: few steps; oracle: many, best lr).
 
   Each step runs the full network (the honest cost of training a candidate for real). BatchNorm
@@ -346,7 +399,8 @@ def learn_real(model: nn.Module, loss: Loss, site: Site, variables, ss: SiteStat
 
   def objective(phi):
     psi, omega = phi
-    return real_loss(model, loss, site, variables, calibrated(site, psi, h), omega, x, y, h=h)
+    return real_loss(model, loss, site, variables, calibrated(site, psi, h), omega, x, y, h=h,
+                     units=units)
 
   def train(lr):
     opt = optax.adam(lr)
@@ -366,7 +420,7 @@ def learn_real(model: nn.Module, loss: Loss, site: Site, variables, ss: SiteStat
   best = jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf))
   psi, omega = jax.tree.map(lambda t: t[best], phis)
   psi = calibrated(site, psi, h)
-  pred = -gn_model(ss.lin, loss, y, candidate_delta(site, psi, omega, h))
+  pred = -gn_model(ss.lin, loss, y, candidate_delta(site, psi, omega, h, units=units))
   base = jnp.mean(loss.value(ss.lin.z, y))
   return Learned(psi, omega, pred, base - vals[best])
 

@@ -135,31 +135,33 @@ class Searcher:
     return fn(variables, x, y, offsets) if offsets is not None else fn(variables, x, y)
 
   def learner(self, model: nn.Module, name: str, method: str):
+    """Jitted ``(variables, site stats, x, y, psi0, omega0, λ, δ_base, units[K, k]) ->
+    Learned`` with a leading K axis: all candidate sizes in one call (vmapped unit masks)."""
     site = model.growth_sites()[name]
     cfg = self.config.learn
     loss = self.loss
 
     def build():
       if method == "gn":
-        f = lambda v, ss, x, y, psi0, om0, lam, base: C.learn_gn(
-            site, ss, y, loss, psi0, om0, cfg, lam, base)
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.learn_gn(
+            site, ss, y, loss, psi0, om0, cfg, lam, base, units)
       elif method == "tiny":
-        f = lambda v, ss, x, y, psi0, om0, lam, base: C.learn_tiny(
-            site, ss, y, loss, psi0, om0, cfg, lam)
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.learn_tiny(
+            site, ss, y, loss, psi0, om0, cfg, lam, units)
       elif method == "gradmax":
-        f = lambda v, ss, x, y, psi0, om0, lam, base: C.learn_gradmax(
-            site, ss, y, loss, psi0, om0, cfg)
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.learn_gradmax(
+            site, ss, y, loss, psi0, om0, cfg, units)
       elif method in ("firefly", "oracle"):
         steps = cfg.firefly_steps if method == "firefly" else cfg.oracle_steps
         lrs = (cfg.firefly_lr,) if method == "firefly" else tuple(cfg.oracle_lrs)
-        f = lambda v, ss, x, y, psi0, om0, lam, base: C.learn_real(
-            model, loss, site, v, ss, x, y, psi0, om0, steps, lrs)
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.learn_real(
+            model, loss, site, v, ss, x, y, psi0, om0, steps, lrs, units)
       elif method == "random":
-        f = lambda v, ss, x, y, psi0, om0, lam, base: C.Learned(
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.Learned(
             C.calibrated(site, psi0, ss.h), om0, jnp.zeros(()), jnp.zeros(()))
       else:
         raise ValueError(f"No learner for method {method!r}.")
-      return jax.jit(f)
+      return jax.jit(jax.vmap(f, in_axes=(None,) * 8 + (0,)))
 
     return self._jit(("learn", model, name, method), build)
 
@@ -201,25 +203,48 @@ class Searcher:
                        "exactly one consumer kernel.")
     return psi0, om0
 
+  def candidates(self, model, variables, stats: Stats, name: str, ks: Sequence[int],
+                 method: str, damping: float, rng, psi0=None) -> list[Candidate]:
+    """Learns candidates of every size in ``ks`` at site ``name`` with ``method`` on ``stats``.
+
+    One compiled call: templates of ``max(ks)`` units and a unit mask per size (masked units
+    are decoupled, so this is exactly learning each size alone). Sizes share the initial fan-in
+    of their first units.
+    """
+    site = model.growth_sites()[name]
+    ks = [int(k) for k in ks]
+    kmax = max(ks)
+    t0 = time.perf_counter()
+    tpl_psi, om0 = self.templates(model, variables, name, kmax, rng)
+    if method == "gn" and psi0 is None and self.config.learn.psi_init == "tiny":
+      tiny = self.candidates(model, variables, stats, name, [kmax], "tiny", damping, rng)[0]
+      psi0 = tiny.psi
+    psi0 = tpl_psi if psi0 is None else psi0
+    units = jnp.asarray([[1.0] * k + [0.0] * (kmax - k) for k in ks], jnp.float32)
+    learned = self.learner(model, name, method)(
+        variables, stats.sites[name], stats.x, stats.y, psi0, om0,
+        jnp.asarray(damping, jnp.float32), None, units)
+    learned = jax.device_get(learned)
+    seconds = (time.perf_counter() - t0) / len(ks)
+    per_unit = site.params_per_unit(variables)
+    flops_unit = site.flops_per_unit(variables)
+    in_axes = {l.name: l.axis for l in site.in_leaves}
+    out_axes = {l.name: l.axis for l in site.out_leaves}
+    out = []
+    for i, k in enumerate(ks):
+      psi = {n: np.take(v[i], np.arange(k), axis=in_axes[n]) for n, v in learned.psi.items()}
+      omega = {n: np.take(v[i], np.arange(k), axis=out_axes[n])
+               for n, v in learned.omega.items()}
+      out.append(Candidate(site=name, k=k, method=method, psi=psi, omega=omega,
+                           predicted=float(learned.predicted[i]),
+                           score=float(learned.score[i]), params=per_unit * k,
+                           flops=flops_unit * k, seconds=seconds))
+    return out
+
   def candidate(self, model, variables, stats: Stats, name: str, k: int, method: str,
                 damping: float, rng, psi0=None) -> Candidate:
     """Learns one candidate (``k`` units at site ``name`` with ``method``) on ``stats``."""
-    site = model.growth_sites()[name]
-    t0 = time.perf_counter()
-    tpl_psi, om0 = self.templates(model, variables, name, k, rng)
-    if method == "gn" and psi0 is None and self.config.learn.psi_init == "tiny":
-      psi0 = self.candidate(model, variables, stats, name, k, "tiny", damping, rng).psi
-    psi0 = tpl_psi if psi0 is None else psi0
-    ss = stats.sites[name]
-    learned = self.learner(model, name, method)(
-        variables, ss, stats.x, stats.y, psi0, om0, jnp.asarray(damping, jnp.float32),
-        jnp.zeros(()))
-    learned = jax.device_get(learned)
-    per_unit = site.params_per_unit(variables)
-    return Candidate(site=name, k=k, method=method, psi=learned.psi, omega=learned.omega,
-                     predicted=float(learned.predicted), score=float(learned.score),
-                     params=per_unit * k, flops=site.flops_per_unit(variables) * k,
-                     seconds=time.perf_counter() - t0)
+    return self.candidates(model, variables, stats, name, [k], method, damping, rng, psi0)[0]
 
   def relinearized(self, model, variables, stats: Stats, cand: Candidate, rounds: int,
                    damping: float) -> Candidate:
@@ -286,10 +311,8 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
   base_loss = float(stats.loss)
   cands = []
   for name in names:
-    for k in cfg.ks:
-      cands.append(searcher.candidate(model, variables, stats, name, int(k), cfg.method,
-                                      damping, jax.random.fold_in(rng, zlib.crc32(
-                                          f"{name}/{k}".encode()))))
+    cands += searcher.candidates(model, variables, stats, name, cfg.ks, cfg.method, damping,
+                                 jax.random.fold_in(rng, zlib.crc32(name.encode())))
   all_cands = list(cands)
   ranked = sorted(cands, key=lambda c: -c.rank_value(cfg.rank_by))
   used_sites: set[str] = set()

@@ -82,6 +82,7 @@ class Site:
       old entries or config after appending ``k`` units (e.g. LayerNorm rescaling); the new
       entries themselves are set by each leaf's ``add`` rule.
     splittable: whether Net2Net splitting preserves the function at this site.
+    a_axis: the unit axis of ``fan_in``'s output (-1, or -2 for attention heads [.., k, hd]).
   """
   name: str
   field: tuple[str, int | None]
@@ -95,6 +96,7 @@ class Site:
   calibrate: Callable[[Mapping[str, Array], Array], Mapping[str, Array]] | None = None
   preserve: Callable[[Any, Any, int, int], tuple[Any, Any]] | None = None
   splittable: bool = True
+  a_axis: int = -1
 
   @property
   def in_leaves(self) -> tuple[Leaf, ...]:

@@ -332,7 +332,7 @@ class Transformer(nn.Module, common.Growable):
           name=f"block_{l}/heads", field=("num_heads", l), width=nh, leaves=tuple(leaves),
           h_path=f"intermediates/block_{l}/h_heads", u_path=f"perturbations/block_{l}/u_heads",
           fan_in=functools.partial(_heads_fan_in, causal=self.causal, rope_theta=theta),
-          fan_out=_heads_fan_out)
+          fan_out=_heads_fan_out, a_axis=-2)
       leaves = [Leaf("kernel", f"{b}/fc_in/kernel", 1, IN, positions=seq)]
       if self.use_bias:
         leaves.append(Leaf("bias", f"{b}/fc_in/bias", 0, IN))
