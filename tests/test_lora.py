@@ -6,7 +6,6 @@ Oracles: the untransformed apply function with explicitly written effective weig
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,19 +15,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from growjax import peft, quant
 from growjax import tree as gtree
-
-
-class _MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.gelu(nn.Dense(32, name="fc1")(x))
-    x = nn.gelu(nn.Dense(32, name="fc2")(x))
-    return nn.Dense(8, name="head")(x)
+from growjax.nets import MLP
 
 
 @pytest.fixture(scope="module")
 def mlp():
-  model = _MLP()
+  # Layers hidden_0 [24, 32], hidden_1 [32, 32], head [32, 8].
+  model = MLP(input_dim=24, widths=(32, 32), num_outputs=8, activation="gelu")
   x = jax.random.normal(jax.random.key(0), (16, 24))
   params = model.init(jax.random.key(1), x)["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
@@ -44,10 +37,10 @@ def _randomize_b(adapters, key):
 
 def test_zero_b_leaves_outputs_unchanged_and_scaling(mlp):
   apply_fn, params, x = mlp
-  lo = peft.lora([peft.LoraTarget("fc1/kernel", rank=4, alpha=8.0),
+  lo = peft.lora([peft.LoraTarget("hidden_0/kernel", rank=4, alpha=8.0),
                   peft.LoraTarget("kernel$", rank=2, alpha=3.0)], rslora=True)
   adapters = lo.init(jax.random.key(2), params)
-  assert adapters["fc1"]["kernel"]["a"].shape == (24, 4)   # first matching target wins
+  assert adapters["hidden_0"]["kernel"]["a"].shape == (24, 4)   # first matching target wins
   assert adapters["head"]["kernel"]["b"].shape == (2, 8)
   f = jax.jit(lo.apply(apply_fn))
   np.testing.assert_array_equal(np.asarray(f(params, adapters, x)),
@@ -55,13 +48,13 @@ def test_zero_b_leaves_outputs_unchanged_and_scaling(mlp):
   # Non-zero b: equals the plain model with explicit W + s·a@b (rsLoRA s = α/√r).
   adapters = _randomize_b(adapters, jax.random.key(3))
   explicit = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
-  for name, (r, alpha) in {"fc1": (4, 8.0), "fc2": (2, 3.0), "head": (2, 3.0)}.items():
+  for name, (r, alpha) in {"hidden_0": (4, 8.0), "hidden_1": (2, 3.0), "head": (2, 3.0)}.items():
     ab = adapters[name]["kernel"]
     explicit[name]["kernel"] = explicit[name]["kernel"] + alpha / math.sqrt(r) * (
         np.asarray(ab["a"], np.float64) @ np.asarray(ab["b"], np.float64))
   expect = apply_fn(jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), explicit), x)
   np.testing.assert_allclose(np.asarray(f(params, adapters, x)), np.asarray(expect), atol=2e-5)
-  assert lo.sites(params)["fc2/kernel"].scale == 3.0 / math.sqrt(2)
+  assert lo.sites(params)["hidden_1/kernel"].scale == 3.0 / math.sqrt(2)
 
 
 def test_only_adapters_get_gradients_and_optimizer_state(mlp):
@@ -98,12 +91,12 @@ def test_only_adapters_get_gradients_and_optimizer_state(mlp):
 
 def test_merge_equals_transformed_call_and_unmerge_restores(mlp):
   apply_fn, params, x = mlp
-  lo = peft.lora(peft.LoraTarget("fc[12]/kernel", rank=3, alpha=6.0))
+  lo = peft.lora(peft.LoraTarget("hidden_[01]/kernel", rank=3, alpha=6.0))
   adapters = _randomize_b(lo.init(jax.random.key(4), params), jax.random.key(5))
   merged, report = lo.merge(params, adapters)
   np.testing.assert_allclose(np.asarray(apply_fn(merged, x)),
                              np.asarray(lo.apply(apply_fn)(params, adapters, x)), atol=1e-5)
-  assert set(report) == {"fc1/kernel", "fc2/kernel"}
+  assert set(report) == {"hidden_0/kernel", "hidden_1/kernel"}
   assert all(float(r["rel_error"]) < 1e-6 and not r["quantized"] for r in report.values())
   restored, _ = lo.unmerge(merged, adapters)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
@@ -112,7 +105,7 @@ def test_merge_equals_transformed_call_and_unmerge_restores(mlp):
 
 def test_quantized_base_dequantized_on_the_fly_and_merge_error_reported(mlp):
   apply_fn, params, x = mlp
-  qparams = quant.quantize_tree(params, "fc[12]/kernel", quant.QuantConfig("nf4", 32))
+  qparams = quant.quantize_tree(params, "hidden_[01]/kernel", quant.QuantConfig("nf4", 32))
   lo = peft.lora(peft.LoraTarget("kernel$", rank=4, alpha=8.0))
   adapters = _randomize_b(lo.init(jax.random.key(6), qparams), jax.random.key(7))
   f = jax.jit(lo.apply(apply_fn))
@@ -120,8 +113,8 @@ def test_quantized_base_dequantized_on_the_fly_and_merge_error_reported(mlp):
   np.testing.assert_allclose(np.asarray(f(qparams, adapters, x)),
                              np.asarray(lo.apply(apply_fn)(dense, adapters, x)), atol=1e-6)
   merged, report = lo.merge(qparams, adapters)
-  assert quant.is_quantized(merged["fc1"]["kernel"]) and not quant.is_quantized(merged["head"]["kernel"])
-  for name in ("fc1", "fc2"):
+  assert quant.is_quantized(merged["hidden_0"]["kernel"]) and not quant.is_quantized(merged["head"]["kernel"])
+  for name in ("hidden_0", "hidden_1"):
     path, ab = f"{name}/kernel", adapters[name]["kernel"]
     target = np.asarray(dense[name]["kernel"]) + 2.0 * np.asarray(ab["a"] @ ab["b"])
     recon = np.asarray(quant.dequantize(merged[name]["kernel"]))
@@ -134,21 +127,21 @@ def test_quantized_base_dequantized_on_the_fly_and_merge_error_reported(mlp):
 def test_dropout_masks_adapter_inputs_with_explicit_rng(mlp):
   apply_fn, params, x = mlp
   p = 0.5
-  lo = peft.lora(peft.LoraTarget("fc2/kernel", rank=4, alpha=4.0), dropout=p)
+  lo = peft.lora(peft.LoraTarget("hidden_1/kernel", rank=4, alpha=4.0), dropout=p)
   adapters = _randomize_b(lo.init(jax.random.key(8), params), jax.random.key(9))
-  a, b = adapters["fc2"]["kernel"]["a"], adapters["fc2"]["kernel"]["b"]
+  a, b = adapters["hidden_1"]["kernel"]["a"], adapters["hidden_1"]["kernel"]["b"]
   eff0 = lo.effective_params(params, adapters)  # no rng: no dropout
-  np.testing.assert_allclose(np.asarray(eff0["fc2"]["kernel"] - params["fc2"]["kernel"]),
+  np.testing.assert_allclose(np.asarray(eff0["hidden_1"]["kernel"] - params["hidden_1"]["kernel"]),
                              np.asarray(a @ b), atol=1e-6)
   eff1 = lo.effective_params(params, adapters, jax.random.key(10))
   eff2 = lo.effective_params(params, adapters, jax.random.key(11))
-  delta = np.asarray(eff1["fc2"]["kernel"] - params["fc2"]["kernel"], np.float64)
+  delta = np.asarray(eff1["hidden_1"]["kernel"] - params["hidden_1"]["kernel"], np.float64)
   a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
   # Each input row of a is either dropped or scaled by 1/(1-p).
   kept = np.array([np.allclose(delta[i], a64[i] @ b64 / (1 - p), atol=1e-5) for i in range(32)])
   dropped = np.array([np.allclose(delta[i], 0.0, atol=1e-7) for i in range(32)])
   assert np.all(kept ^ dropped) and 0 < dropped.sum() < 32
-  assert not np.allclose(np.asarray(eff1["fc2"]["kernel"]), np.asarray(eff2["fc2"]["kernel"]))
+  assert not np.allclose(np.asarray(eff1["hidden_1"]["kernel"]), np.asarray(eff2["hidden_1"]["kernel"]))
   out = jax.jit(lo.apply(apply_fn))(params, adapters, x, rng=jax.random.key(10))
   np.testing.assert_allclose(np.asarray(out), np.asarray(apply_fn(eff1, x)), atol=1e-6)
 
@@ -202,7 +195,7 @@ def test_sharded_train_step_matches_unsharded(mlp):
   apply_fn, params, x = mlp
   assert len(jax.devices()) >= 8
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-  qparams = quant.quantize_tree(params, "fc1/kernel", quant.QuantConfig("nf4", 32))
+  qparams = quant.quantize_tree(params, "hidden_0/kernel", quant.QuantConfig("nf4", 32))
   lo = peft.lora(peft.LoraTarget("kernel$", rank=4, alpha=8.0))
   adapters = _randomize_b(lo.init(jax.random.key(0), qparams), jax.random.key(1))
   y = jnp.arange(16) % 8
@@ -270,11 +263,11 @@ def test_bad_inputs(mlp):
     peft.lora(peft.LoraTarget("no_such/kernel")).init(jax.random.key(0), params)
   with pytest.raises(TypeError, match="only floating kernels"):
     peft.lora(peft.LoraTarget("steps")).init(jax.random.key(0), {"steps": jnp.ones((4, 4), jnp.int32)})
-  lo = peft.lora(peft.LoraTarget("fc1/kernel", rank=2))
-  other = peft.lora(peft.LoraTarget("fc2/kernel", rank=2)).init(jax.random.key(0), params)
+  lo = peft.lora(peft.LoraTarget("hidden_0/kernel", rank=2))
+  other = peft.lora(peft.LoraTarget("hidden_1/kernel", rank=2)).init(jax.random.key(0), params)
   with pytest.raises(ValueError, match="Adapters do not match"):
     lo.apply(apply_fn)(params, other, x)
   with pytest.raises(ValueError, match="at least 3 axes"):
-    peft.lora(peft.LoraTarget("fc1/kernel", batch_dims=1)).init(jax.random.key(0), params)
+    peft.lora(peft.LoraTarget("hidden_0/kernel", batch_dims=1)).init(jax.random.key(0), params)
   with pytest.raises(ValueError, match="dropout"):
-    peft.lora(peft.LoraTarget("fc1/kernel"), dropout=1.0)
+    peft.lora(peft.LoraTarget("hidden_0/kernel"), dropout=1.0)

@@ -13,6 +13,7 @@ import pytest
 from growjax import quant
 from growjax import tree as gtree
 from growjax.data import load_digits
+from growjax.nets import MLP
 
 
 def _problem(seed=0, d_in=48, d_out=40, rows=300):
@@ -93,20 +94,12 @@ def test_weighted_low_rank_is_optimal_for_its_weights():
     np.testing.assert_allclose(np.asarray(A1 @ B1), np.asarray(A0 @ B0), atol=1e-12)
 
 
-class _MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    # Square [64, 64] kernels: one compilation per initialisation serves every layer.
-    x = nn.relu(nn.Dense(64, name="hidden_0")(x))
-    x = nn.relu(nn.Dense(64, name="hidden_1")(x))
-    return nn.Dense(64, name="out")(x)
-
-
 def test_calibrated_error_ordering_quailora_loftq_qlora():
   """On real calibration inputs (digits) through a flax MLP: QuAILoRA ≤ LoftQ-1 ≤ QLoRA."""
   x = jnp.asarray(load_digits().train.x[:512], jnp.float32).reshape(512, -1)
-  model = _MLP()
-  variables = model.init(jax.random.key(0), x[:2])
+  # Square [64, 64] kernels: one compilation per initialisation serves every layer.
+  model = MLP(input_dim=64, widths=(64, 64), num_outputs=64)
+  variables = {"params": model.init(jax.random.key(0), x[:2])["params"]}
   cap = quant.gram_capture(model)
   state = cap.init(variables, x[:128])
   step = jax.jit(cap.update)
