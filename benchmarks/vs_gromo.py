@@ -33,7 +33,7 @@ Repetitions interleave the frameworks (GroMo, growjax GN, growjax TINY, rotating
 medians over rounds and repetitions. The process is pinned to one CPU and torch to one thread
 (both frameworks then use one core of this shared 2-core machine).
 
-Run: ``python benchmarks/vs_gromo.py`` (about 3-4 minutes on the 2-core CPU machine, including
+Run: ``python benchmarks/vs_gromo.py`` (about 5 minutes on the 2-core CPU machine, including
 the cache probe; ``--quick`` for a smoke run). Writes ``benchmarks/results/vs_gromo.json``.
 Needs the bench extra: ``torch==2.13.0`` (CPU wheel) and ``gromo``.
 """
@@ -80,6 +80,11 @@ def _on_duration(event: str, duration: float, **_):
 def compile_total() -> float:
   """Seconds JAX has spent tracing, lowering and compiling jitted functions so far."""
   return float(sum(_compile_seconds.values()))
+
+
+def xla_compile_total() -> float:
+  """Seconds of XLA backend compilation so far (what the persistent cache can save)."""
+  return float(_compile_seconds[_COMPILE_EVENTS[-1]])
 
 
 # ---- shared protocol -----------------------------------------------------------------------------
@@ -148,6 +153,9 @@ def growjax_run(method: str, searcher: TimedSearcher, trainer, splits, init_vars
     return train.evaluate(eval_step, model, state, Dataset(x, y), batch_size=len(x))
 
   state = fit(state, 0, args.warmup_steps)
+  val = train.evaluate(eval_step, model, state, splits.val)
+  seed = {"params": tree.count(state.params), "val_accuracy": val["accuracy"],
+          "val_loss": val["loss"]}
   damping = searcher.config.damping
   key = jax.random.key(args.seed)
   rounds = []
@@ -157,13 +165,13 @@ def growjax_run(method: str, searcher: TimedSearcher, trainer, splits, init_vars
     val_before = train.evaluate(eval_step, model, state, splits.val)["loss"]
     params_before = tree.count(state.params)
     searcher.seconds.clear()
-    c0 = compile_total()
+    c0, x0 = compile_total(), xla_compile_total()
     t0 = time.perf_counter()
     res = grow.grow_round(searcher, model, state.variables(), x, y, damping=damping,
                           rng=jax.random.fold_in(key, r))
     res = res._replace(variables=jax.block_until_ready(res.variables))
     total = time.perf_counter() - t0
-    compile_s = compile_total() - c0
+    compile_s, xla_s = compile_total() - c0, xla_compile_total() - x0
     damping = res.damping
     applied = [rec for rec in res.records if rec["op"] != "rejected"]
     model = res.model
@@ -179,13 +187,13 @@ def growjax_run(method: str, searcher: TimedSearcher, trainer, splits, init_vars
            "step_s": total - ls, "step_ls_s": total, "line_search_s": ls,
            "stats_s": searcher.seconds["stats"], "solve_s": searcher.seconds["solve"],
            "apply_s": total - ls - searcher.seconds["stats"] - searcher.seconds["solve"],
-           "compile_s": compile_s}
+           "compile_s": compile_s, "xla_compile_s": xla_s}
     state = fit(state, r + 1, args.train_steps)
     val = train.evaluate(eval_step, model, state, splits.val)
     rec.update({"params_trained": tree.count(state.params), "val_accuracy": val["accuracy"],
                 "val_loss": val["loss"]})
     rounds.append(rec)
-  return {"framework": "growjax", "method": method, "widths": list(model.widths),
+  return {"framework": "growjax", "method": method, "widths": list(model.widths), "seed": seed,
           "rounds": rounds}
 
 
@@ -239,6 +247,8 @@ def gromo_run(method: str, splits, init_vars, args) -> dict:
 
   xv, yv = torch.from_numpy(splits.val.x), torch.from_numpy(splits.val.y).long()
   fit(0, args.warmup_steps)
+  val_loss, val_acc = evaluate(xv, yv)
+  seed = {"params": count(), "val_accuracy": val_acc, "val_loss": val_loss}
   rounds = []
   for r in range(args.rounds):
     xn, yn = stats_batch(splits, r, args.stats_batch, args.seed)
@@ -284,13 +294,14 @@ def gromo_run(method: str, splits, init_vars, args) -> dict:
            "loss_after": after, "val_loss_before": val_before, "val_loss_after": val_after,
            "step_s": stats_s + solve_s + apply_s, "step_ls_s": stats_s + solve_s + apply_s + ls_s,
            "line_search_s": ls_s, "grid7_s": grid_s, "stats_s": stats_s, "solve_s": solve_s,
-           "apply_s": apply_s, "compile_s": 0.0}
+           "apply_s": apply_s, "compile_s": 0.0, "xla_compile_s": 0.0}
     fit(r + 1, args.train_steps)
     val_loss, val_acc = evaluate(xv, yv)
     rec.update({"params_trained": count(), "val_accuracy": val_acc, "val_loss": val_loss})
     rounds.append(rec)
   widths = [int(l.out_features) for l in model.layers[:-1]]
-  return {"framework": "gromo", "method": method, "widths": widths, "rounds": rounds}
+  return {"framework": "gromo", "method": method, "widths": widths, "seed": seed,
+          "rounds": rounds}
 
 
 # ---- summaries ----------------------------------------------------------------------------------
@@ -309,7 +320,44 @@ def quality(run: dict) -> dict:
           "decrease_per_param": dec / max(added, 1), "val_decrease_per_param": vdec / max(added, 1),
           "median_round_decrease_per_param": float(np.median(per_round)),
           "sites": [r["site"] for r in rs], "gammas": [r["gamma"] for r in rs],
-          "curve": [{"params": r["params_trained"], "val_accuracy": r["val_accuracy"]} for r in rs]}
+          "curve": [{"params": run["seed"]["params"], "val_accuracy": run["seed"]["val_accuracy"]}]
+                   + [{"params": r["params_trained"], "val_accuracy": r["val_accuracy"]}
+                      for r in rs]}
+
+
+def accuracy_at(curve: list[dict], params: int) -> float:
+  """Validation accuracy of a growth curve at ``params`` (linear between its points; NaN
+  outside its range)."""
+  ps = [pt["params"] for pt in curve]
+  if not ps[0] <= params <= ps[-1]:
+    return float("nan")
+  return float(np.interp(params, ps, [pt["val_accuracy"] for pt in curve]))
+
+
+def headline(summary: dict, base: str = "gromo tiny") -> dict:
+  """The issue's figures as ratios against GroMo's TINY measured in the same run."""
+  if base not in summary:
+    return {}
+  b = summary[base]
+  out = {}
+  for name, s in summary.items():
+    if not name.startswith("growjax"):
+      continue
+    q, bq = s["quality"], b["quality"]
+    out[name] = {
+        "warm_step_over_gromo": s["warm"]["step_s"] / b["all"]["step_s"],
+        "warm_step_ls_over_gromo_step_ls": s["warm"]["step_ls_s"] / b["all"]["step_ls_s"],
+        "warm_step_ls_over_gromo_step_grid7": s["warm"]["step_ls_s"] / (
+            b["all"]["step_s"] + b["all"]["grid7_s"]),
+        "cold_step_over_gromo": s["cold"]["step_s"] / b["all"]["step_s"],
+        "cold_step_ls_over_gromo_step_ls": s["cold"]["step_ls_s"] / b["all"]["step_ls_s"],
+        "decrease_per_param_over_gromo": q["decrease_per_param"] / bq["decrease_per_param"],
+        "val_decrease_per_param_over_gromo": q["val_decrease_per_param"]
+                                             / bq["val_decrease_per_param"],
+        "params": q["params"], "val_accuracy": q["val_accuracy"],
+        "gromo_val_accuracy_at_same_params": accuracy_at(bq["curve"], q["params"]),
+    }
+  return out
 
 
 def median_of(runs: list[dict], key: str) -> float:
@@ -319,7 +367,7 @@ def median_of(runs: list[dict], key: str) -> float:
 def summarise(runs: dict[str, list[dict]]) -> dict:
   """Median per-step stage times per variant over rounds and repetitions (cold = first rep)."""
   keys = ("step_s", "step_ls_s", "stats_s", "solve_s", "apply_s", "line_search_s", "grid7_s",
-          "compile_s")
+          "compile_s", "xla_compile_s")
   out = {}
   for name, reps in runs.items():
     s = {}
@@ -357,8 +405,8 @@ def cache_probe(args) -> dict:
       cold = child["summary"]["growjax gn"]["cold"]
       files = sum(len(fs) for _, _, fs in os.walk(cache))
       out[f"process_{i}"] = {"step_s": cold["step_s"], "step_ls_s": cold["step_ls_s"],
-                             "compile_s": cold["compile_s"], "process_wall_s": wall,
-                             "cache_files": files}
+                             "compile_s": cold["compile_s"], "xla_compile_s": cold["xla_compile_s"],
+                             "process_wall_s": wall, "cache_files": files}
   return out
 
 
@@ -389,7 +437,8 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   args.widths = [int(w) for w in args.widths.split(",")]
   if args.quick:
-    args.rounds, args.warmup_steps, args.train_steps, args.reps = 2, 50, 20, 2
+    args.rounds, args.warmup_steps, args.train_steps = 2, 50, 20
+    args.reps = min(args.reps, 2)
     args.cache_probe = 0
   if args.pin_cpu >= 0 and hasattr(os, "sched_setaffinity"):
     # Before JAX/torch start worker threads (they inherit it): both frameworks on one core.
@@ -430,7 +479,8 @@ def main(argv=None) -> dict:
             f"val acc {run['rounds'][-1]['val_accuracy']:.3f})", flush=True)
   summary = summarise(runs)
   result = {"config": {k: v for k, v in vars(args).items() if k not in ("out",)},
-            "gammas": list(GAMMAS), "summary": summary, "runs": runs,
+            "gammas": list(GAMMAS), "headline": headline(summary), "summary": summary,
+            "runs": runs,
             "machine": {"platform": platform.platform(), "python": platform.python_version(),
                         "jax": jax.__version__, "cpu_affinity": sorted(os.sched_getaffinity(0))
                         if hasattr(os, "sched_getaffinity") else None}}
@@ -479,7 +529,8 @@ def report(result: dict) -> None:
       row = {"variant": name, "pass": g, "step ms": 1e3 * t["step_s"],
              "+line search ms": 1e3 * t["step_ls_s"], "stats": 1e3 * t["stats_s"],
              "solve": 1e3 * t["solve_s"], "apply": 1e3 * t["apply_s"],
-             "line search": 1e3 * t["line_search_s"], "compile": 1e3 * t["compile_s"]}
+             "line search": 1e3 * t["line_search_s"], "jax trace+compile": 1e3 * t["compile_s"],
+             "xla compile": 1e3 * t["xla_compile_s"]}
       if base is not None:
         row["step / GroMo"] = t["step_s"] / base["step_s"]
         row["+ls / GroMo"] = t["step_ls_s"] / base["step_ls_s"]
@@ -504,9 +555,15 @@ def report(result: dict) -> None:
   curves = []
   for name, s in summary.items():
     for i, pt in enumerate(s["quality"]["curve"]):
-      curves.append({"variant": name, "round": i + 1, **pt})
-  print("\nValidation accuracy vs parameters (after the training that follows each round):")
+      curves.append({"variant": name, "round": i, **pt})
+  print("\nValidation accuracy vs parameters (round 0: the seed after warm-up training; then "
+        "after the training that follows each round):")
   print(format_table(curves))
+  if result["headline"]:
+    print("\nAgainst GroMo's TINY in this run (ratios growjax / GroMo):")
+    names = list(result["headline"])
+    print(format_table([{"figure": f, **{n: result["headline"][n][f] for n in names}}
+                        for f in result["headline"][names[0]]]))
 
 
 if __name__ == "__main__":
