@@ -52,7 +52,6 @@ import time
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -200,7 +199,8 @@ def growjax_run(method: str, searcher: TimedSearcher, trainer, splits, init_vars
 # ---- GroMo --------------------------------------------------------------------------------------
 
 def gromo_model(init_vars, widths):
-  """GroMo's ``GrowingMLP`` with growjax's seed weights (flax ``[in, out]`` → torch ``[out, in]``)."""
+  """GroMo's ``GrowingMLP`` with growjax's seed weights (flax ``[in, out]`` → torch
+  ``[out, in]``)."""
   import torch  # pylint: disable=import-outside-toplevel  (bench extra)
   from gromo.containers.growing_mlp import GrowingMLP  # pylint: disable=import-outside-toplevel
 
@@ -373,14 +373,16 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     s = {}
     groups = {"all": reps}
     if name.startswith("growjax"):
+      # warm: the replays (with --reps=1 there is none and "warm" repeats the cold pass).
       groups = {"cold": reps[:1], "warm": reps[1:] or reps[:1]}
     for g, rs in groups.items():
       s[g] = {k: median_of(rs, k) for k in keys if k in rs[0]["rounds"][0]}
       s[g]["total_step_ls_s"] = float(np.median([sum(r["step_ls_s"] for r in run["rounds"])
                                                  for run in rs]))
     s["quality"] = quality(reps[-1])
-    s["deterministic_across_reps"] = all(
-        [r["site"] for r in run["rounds"]] == [r["site"] for r in reps[0]["rounds"]] for run in reps)
+    first = [r["site"] for r in reps[0]["rounds"]]
+    s["deterministic_across_reps"] = all([r["site"] for r in run["rounds"]] == first
+                                         for run in reps)
     out[name] = s
   return out
 
