@@ -204,12 +204,13 @@ class Searcher:
     return psi0, om0
 
   def candidates(self, model, variables, stats: Stats, name: str, ks: Sequence[int],
-                 method: str, damping: float, rng, psi0=None) -> list[Candidate]:
+                 method: str, damping: float, rng, psi0=None, omega0=None) -> list[Candidate]:
     """Learns candidates of every size in ``ks`` at site ``name`` with ``method`` on ``stats``.
 
     One compiled call: templates of ``max(ks)`` units and a unit mask per size (masked units
     are decoupled, so this is exactly learning each size alone). Sizes share the initial fan-in
-    of their first units.
+    of their first units. ``psi0`` / ``omega0`` (shaped for ``max(ks)`` units) override the
+    initial fan-in (default: the model's initialiser) and fan-out (default: zero).
     """
     site = model.growth_sites()[name]
     ks = [int(k) for k in ks]
@@ -220,6 +221,7 @@ class Searcher:
       tiny = self.candidates(model, variables, stats, name, [kmax], "tiny", damping, rng)[0]
       psi0 = tiny.psi
     psi0 = tpl_psi if psi0 is None else psi0
+    om0 = om0 if omega0 is None else omega0
     units = jnp.asarray([[1.0] * k + [0.0] * (kmax - k) for k in ks], jnp.float32)
     learned = self.learner(model, name, method)(
         variables, stats.sites[name], stats.x, stats.y, psi0, om0,
@@ -242,9 +244,10 @@ class Searcher:
     return out
 
   def candidate(self, model, variables, stats: Stats, name: str, k: int, method: str,
-                damping: float, rng, psi0=None) -> Candidate:
+                damping: float, rng, psi0=None, omega0=None) -> Candidate:
     """Learns one candidate (``k`` units at site ``name`` with ``method``) on ``stats``."""
-    return self.candidates(model, variables, stats, name, [k], method, damping, rng, psi0)[0]
+    return self.candidates(model, variables, stats, name, [k], method, damping, rng, psi0,
+                           omega0)[0]
 
   def relinearized(self, model, variables, stats: Stats, cand: Candidate, rounds: int,
                    damping: float) -> Candidate:

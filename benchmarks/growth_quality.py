@@ -1,0 +1,403 @@
+"""How good are Gauss-Newton-learned morphisms? Calibration, where to grow, quality vs cost, search.
+
+Lawton, Galstyan & Ver Steeg (2024, arXiv:2411.05855) claim the GN model learns morphisms close to
+optimal at a fraction of the cost. This benchmark measures it against an oracle: the same
+candidate (site, k) trained on the real loss of the statistics batch with Adam for 300 steps,
+best of three learning rates, started both from the model's initialiser and from the GN solution
+(the better of the two is the reference, so the oracle is never weaker than GN's own start).
+
+Parts (all in one run, results in ``benchmarks/results/growth_quality.json``):
+
+1. Candidates: tasks digits (MLP 64-8-8-10) and teacher-student (student MLP 64-8-8-10,
+   teacher 64-32-10), each with S seeds (seed networks trained 400 Adam steps), 2 sites ×
+   k ∈ {1, 2, 4, 8}: ≥ 32 candidates per task.
+   * calibration over a λ sweep: Spearman(predicted, realised) overall and within each k,
+     median realised / predicted, and the trivial ranking by k alone; the reported λ is the
+     smallest-error one among those whose median realised decrease is ≥ half the oracle's;
+   * where to grow: per (seed, k), is the method's best site the oracle's best site? (GN,
+     GradMax, TINY-style);
+   * quality vs cost: GN one-shot and with re-linearisation rounds as a fraction of the oracle's
+     decrease on the statistics (training) batch and on held-out data, at measured warm wall time
+     per candidate; and Adam on the real loss given GN's wall time.
+2. The same cost comparison on a ConvNet (digits 8×8 images, channels 4-8), where the layers
+   above a site are expensive.
+3. Growth search: the growth loop with GN, GradMax, TINY-style and random growth under the same
+   training budget on digits, against a fixed-size width sweep trained for the same steps.
+
+Timings are warm (every function compiled before timing; compilation reported separately) and
+interleaved (GN and oracle calls alternate), medians over repetitions.
+
+Run: ``python benchmarks/growth_quality.py`` (about 15-25 min on the 2-core CPU machine);
+``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+from scipy import stats as sps
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from growjax import data, grow, nets, train, tree  # noqa: E402
+from growjax.grow import candidates as C  # noqa: E402
+from growjax.train.metrics import format_table  # noqa: E402
+
+LOSS = "softmax_cross_entropy"
+KS = (1, 2, 4, 8)
+LAMS = (3e-4, 1e-3, 3e-3, 1e-2)
+LEARN = C.LearnConfig(psi_steps=40, psi_lr=0.1, oracle_steps=300, oracle_lrs=(3e-3, 1e-2, 3e-2))
+RELIN_ROUNDS = 4
+
+
+def _timed(fn, reps=3):
+  """Median wall time of ``fn()`` over ``reps`` calls after one warm-up call; its last value."""
+  out = fn()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return out, float(np.median(times))
+
+
+def seed_network(task: str, seed: int, steps: int):
+  if task == "digits":
+    splits = data.load_digits(seed=0)
+    model = nets.MLP(widths=(8, 8))
+  elif task == "teacher":
+    splits = data.load_teacher_student((64, 32, 10), n_train=2048, seed=0).splits
+    model = nets.MLP(widths=(8, 8))
+  elif task == "conv":
+    splits = data.load_digits(seed=0, image=True)
+    model = nets.ConvNet(input_shape=(8, 8, 1), channels=(4, 8), pool=(True, True))
+  else:
+    raise ValueError(task)
+  tx = optax.adam(3e-3)
+  state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx, seed)
+  res = train.fit(model, state, train.make_trainer(tx), splits, steps=steps, batch_size=64,
+                  seed=seed, plot=False, progress_every_s=1e9)
+  return model, res.state.variables(), splits
+
+
+def site_of(model, name):
+  return model.growth_sites()[name]
+
+
+def _pad(site, slices, kmax, out=False):
+  """Pads ``k``-unit slices with zero units up to ``kmax`` along each leaf's unit axis."""
+  axes = {l.name: l.axis for l in (site.out_leaves if out else site.in_leaves)}
+  res = {}
+  for n, a in slices.items():
+    a = np.asarray(a)
+    widths = [(0, 0)] * a.ndim
+    widths[axes[n]] = (0, kmax - a.shape[axes[n]])
+    res[n] = jax.device_put(np.pad(a, widths))
+  return res
+
+
+def held_out_decrease(s, model, v, cand, xv, yv):
+  l0, l1 = s.real_losses(model, v, cand, xv, yv, [0.0, 1.0])
+  return float(l0 - l1)
+
+
+def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, quick: bool):
+  """Part 1 (and 2 for task='conv'): every candidate of every method, with timings."""
+  rows = []
+  timing = []
+  searchers = {m: grow.Searcher(LOSS, grow.GrowConfig(method=m, learn=LEARN))
+               for m in ("gn", "tiny", "gradmax", "oracle", "firefly")}
+  compile_s = {}
+  for seed in range(seeds):
+    model, v, splits = seed_network(task, seed, train_steps)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(splits.train), stats_batch, replace=False)
+    x, y = splits.train.x[idx], splits.train.y[idx]
+    xv, yv = splits.val.x, splits.val.y
+    gn = searchers["gn"]
+    names = gn.site_names(model)
+    stats = gn.stats(model, v, x, y, names)
+    key = jax.random.key(100 + seed)
+    for name in names:
+      # -- oracle (random init), timed; compile time of the first call recorded.
+      t0 = time.perf_counter()
+      orc = searchers["oracle"].candidates(model, v, stats, name, KS, "oracle", LEARN.damping,
+                                           key)
+      compile_s.setdefault(("oracle", name), time.perf_counter() - t0)
+      gn_calls = {}
+      for lam in LAMS:
+        t0 = time.perf_counter()
+        gn_calls[lam] = gn.candidates(model, v, stats, name, KS, "gn", lam, key)
+        compile_s.setdefault(("gn", name), time.perf_counter() - t0)
+      tiny = searchers["tiny"].candidates(model, v, stats, name, KS, "tiny", 1e-3, key)
+      gmax = searchers["gradmax"].candidates(model, v, stats, name, KS, "gradmax", 1e-3, key)
+      # -- warm, interleaved timings of one call (all ks) per method.
+      if seed == 0:
+        lam_t = 1e-3
+        ts = {"gn": [], "oracle": [], "relin": []}
+        for c in gn.candidates(model, v, stats, name, KS, "gn", lam_t, key):
+          gn.relinearized(model, v, stats, c, RELIN_ROUNDS, lam_t)  # compile before timing
+        for _ in range(1 if quick else 3):
+          ts["gn"].append(_timed(lambda: gn.candidates(model, v, stats, name, KS, "gn", lam_t,
+                                                       key), reps=1)[1])
+          ts["oracle"].append(_timed(lambda: searchers["oracle"].candidates(
+              model, v, stats, name, KS, "oracle", lam_t, key), reps=1)[1])
+          cs = gn.candidates(model, v, stats, name, KS, "gn", lam_t, key)
+          t0 = time.perf_counter()
+          for c in cs:
+            gn.relinearized(model, v, stats, c, RELIN_ROUNDS, lam_t)
+          ts["relin"].append(time.perf_counter() - t0)
+        timing.append({"task": task, "site": name,
+                       "gn_s": float(np.median(ts["gn"])) / len(KS),
+                       "oracle_s": float(np.median(ts["oracle"])) / len(KS),
+                       "relin_extra_s": float(np.median(ts["relin"])) / len(KS)})
+      for i, k in enumerate(KS):
+        o = orc[i]
+        row = {"task": task, "seed": seed, "site": name, "k": k,
+               "oracle_train": float(o.score), "oracle_heldout": held_out_decrease(
+                   searchers["oracle"], model, v, o, xv, yv),
+               "tiny_score": tiny[i].score, "gradmax_score": gmax[i].score}
+        for lam in LAMS:
+          c = gn_calls[lam][i]
+          l0, l1 = gn.real_losses(model, v, c, x, y, [0.0, 1.0])
+          row[f"gn_pred@{lam:g}"] = c.predicted
+          row[f"gn_train@{lam:g}"] = float(l0 - l1)
+          row[f"gn_heldout@{lam:g}"] = held_out_decrease(gn, model, v, c, xv, yv)
+        c = gn_calls[1e-3][i]
+        # Oracle warm-started from the GN solution (a stronger reference): the GN units padded
+        # to max(KS) so the compiled all-sizes oracle is reused; entry i is the size-k one.
+        warm = searchers["oracle"].candidates(model, v, stats, name, KS, "oracle", 1e-3, key,
+                                              psi0=_pad(site_of(model, name), c.psi, max(KS)),
+                                              omega0=_pad(site_of(model, name), c.omega,
+                                                          max(KS), out=True))[i]
+        row["oracle_warm_train"] = float(warm.score)
+        row["oracle_warm_heldout"] = held_out_decrease(searchers["oracle"], model, v, warm, xv,
+                                                       yv)
+        rel = gn.relinearized(model, v, stats, c, RELIN_ROUNDS, 1e-3)
+        l0, l1 = gn.real_losses(model, v, rel, x, y, [0.0, 1.0])
+        row["relin_train"] = float(l0 - l1)
+        row["relin_heldout"] = held_out_decrease(gn, model, v, rel, xv, yv)
+        rows.append(row)
+  # Adam on the real loss given GN's wall time (firefly learner with that many steps).
+  same_time = []
+  if timing:
+    model, v, splits = seed_network(task, 0, train_steps)
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(splits.train), stats_batch, replace=False)
+    x, y = splits.train.x[idx], splits.train.y[idx]
+    for t in timing:
+      name = t["site"]
+      per_step = t["oracle_s"] / (LEARN.oracle_steps * len(LEARN.oracle_lrs))
+      steps = max(1, int(t["gn_s"] / per_step))
+      best = None
+      for lr in LEARN.oracle_lrs:
+        s = grow.Searcher(LOSS, grow.GrowConfig(method="firefly", learn=LEARN._replace(
+            firefly_steps=steps, firefly_lr=lr)))
+        st = s.stats(model, v, x, y, (name,))
+        cs = s.candidates(model, v, st, name, KS, "firefly", 1e-3, jax.random.key(100))
+        vals = [c.score for c in cs]
+        best = vals if best is None else [max(a, b) for a, b in zip(best, vals)]
+      same_time.append({"task": task, "site": name, "adam_steps_in_gn_time": steps,
+                        "adam_same_time_train": best})
+  return rows, timing, same_time, {f"{a}/{b}": v for (a, b), v in compile_s.items()}
+
+
+def _spearman(a, b):
+  r = sps.spearmanr(a, b).statistic
+  return float(r) if np.isfinite(r) else float("nan")
+
+
+def analyse(rows, timing, same_time):
+  out = {}
+  tasks = sorted({r["task"] for r in rows})
+  for task in tasks:
+    rs = [r for r in rows if r["task"] == task]
+    oracle = np.array([max(r["oracle_train"], r["oracle_warm_train"]) for r in rs])
+    oracle_ho = np.array([max(r["oracle_heldout"], r["oracle_warm_heldout"]) for r in rs])
+    ks = np.array([r["k"] for r in rs])
+    lam_rows = []
+    for lam in LAMS:
+      pred = np.array([r[f"gn_pred@{lam:g}"] for r in rs])
+      real = np.array([r[f"gn_train@{lam:g}"] for r in rs])
+      ok = oracle > 1e-6
+      lam_rows.append({
+          "lambda": lam,
+          "spearman": _spearman(pred, real),
+          "spearman_within_k_min": min(_spearman(pred[ks == k], real[ks == k]) for k in KS),
+          "median_real_over_pred": float(np.median(real[pred > 0] / pred[pred > 0])),
+          "median_real_over_oracle": float(np.median(real[ok] / oracle[ok])),
+          "trivial_k_spearman": _spearman(ks, real),
+      })
+    eligible = [l for l in lam_rows if l["median_real_over_oracle"] >= 0.5]
+    chosen = min(eligible, key=lambda l: abs(np.log(l["median_real_over_pred"]))) if (
+        eligible) else None
+    # Where to grow.
+    agree = {"gn": [], "gradmax": [], "tiny": []}
+    for seed in sorted({r["seed"] for r in rs}):
+      for k in KS:
+        group = [r for r in rs if r["seed"] == seed and r["k"] == k]
+        best_oracle = max(group, key=lambda r: max(r["oracle_train"],
+                                                   r["oracle_warm_train"]))["site"]
+        lam_key = f"gn_pred@{(chosen or lam_rows[1])['lambda']:g}"
+        agree["gn"].append(max(group, key=lambda r: r[lam_key])["site"] == best_oracle)
+        agree["gradmax"].append(max(group, key=lambda r: r["gradmax_score"])["site"] ==
+                                best_oracle)
+        agree["tiny"].append(max(group, key=lambda r: r["tiny_score"])["site"] == best_oracle)
+    lam_key = f"{(chosen or lam_rows[1])['lambda']:g}"
+    gn_tr = np.array([r[f"gn_train@{lam_key}"] for r in rs])
+    gn_ho = np.array([r[f"gn_heldout@{lam_key}"] for r in rs])
+    rel_tr = np.array([r["relin_train"] for r in rs])
+    rel_ho = np.array([r["relin_heldout"] for r in rs])
+    ok, ok_ho = oracle > 1e-6, oracle_ho > 1e-6
+    t = [x for x in timing if x["task"] == task]
+    gn_s = float(np.mean([x["gn_s"] for x in t])) if t else float("nan")
+    or_s = float(np.mean([x["oracle_s"] for x in t])) if t else float("nan")
+    rl_s = float(np.mean([x["relin_extra_s"] for x in t])) if t else float("nan")
+    st = [x for x in same_time if x["task"] == task]
+    same = []
+    for x in st:
+      for i, k in enumerate(KS):
+        for r in rs:
+          if r["seed"] == 0 and r["site"] == x["site"] and r["k"] == k:
+            o = max(r["oracle_train"], r["oracle_warm_train"])
+            if o > 1e-6:
+              same.append((x["adam_same_time_train"][i] / o, r[f"gn_train@{lam_key}"] / o))
+    out[task] = {
+        "lambda_sweep": lam_rows, "chosen_lambda": chosen["lambda"] if chosen else None,
+        "calibration": chosen,
+        "where_to_grow": {m: float(np.mean(a)) for m, a in agree.items()},
+        "gn_over_oracle_train_median": float(np.median(gn_tr[ok] / oracle[ok])),
+        "gn_over_oracle_train_ratio_of_sums": float(gn_tr[ok].sum() / oracle[ok].sum()),
+        "gn_over_oracle_heldout_median": float(np.median(gn_ho[ok_ho] / oracle_ho[ok_ho])),
+        "relin_over_oracle_train_median": float(np.median(rel_tr[ok] / oracle[ok])),
+        "relin_over_oracle_heldout_median": float(np.median(rel_ho[ok_ho] / oracle_ho[ok_ho])),
+        "gn_time_over_oracle": gn_s / or_s,
+        "relin_time_over_oracle": (gn_s + rl_s) / or_s,
+        "gn_seconds_per_candidate": gn_s, "oracle_seconds_per_candidate": or_s,
+        "adam_same_time_over_oracle_median": float(np.median([a for a, _ in same]))
+        if same else None,
+        "gn_same_rows_over_oracle_median": float(np.median([b for _, b in same]))
+        if same else None,
+        "candidates": int(len(rs)),
+    }
+  return out
+
+
+def search_part(steps: int, quick: bool):
+  """Part 3: growth loops under the same training budget, and a fixed-size width sweep."""
+  splits = data.load_digits(seed=0)
+  results = {}
+  methods = ("gn", "gradmax", "tiny", "random")
+  for method in methods:
+    model = nets.MLP(widths=(8, 8))
+    tx = optax.adam(3e-3)
+    trainer = train.make_trainer(tx)
+    cfg = grow.GrowConfig(method=method, ks=(1, 2, 4, 8), round_budget=400, max_morphisms=2,
+                          learn=C.LearnConfig(psi_steps=20, psi_lr=0.1))
+    grower = grow.Grower(grow.Searcher(LOSS, cfg), splits, trainer,
+                         grow.Schedule(every=steps // 13, warmup=steps // 13,
+                                       max_rounds=2 if quick else 10, max_params=4000),
+                         seed=0)
+    state = train.create_state(nets.common.host_init(model, jax.random.key(0)), tx)
+    res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64,
+                    growth_hook=grower, plot=False, progress_every_s=1e9)
+    val = train.evaluate(trainer.eval_step, res.model, res.state, splits.val)
+    results[method] = {
+        "curve": [{"params": r["params"], "val_loss": r["val_loss"],
+                   "val_accuracy": r["val_accuracy"]} for r in grower.rows],
+        "final_params": tree.count(res.state.params), "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"], "widths": list(res.model.widths)}
+  fixed = []
+  for widths in ((8, 8), (16, 16), (32, 32), (64, 64)):
+    model = nets.MLP(widths=widths)
+    tx = optax.adam(3e-3)
+    trainer = train.make_trainer(tx)
+    state = train.create_state(nets.common.host_init(model, jax.random.key(0)), tx)
+    res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64, plot=False,
+                    progress_every_s=1e9)
+    val = train.evaluate(trainer.eval_step, res.model, res.state, splits.val)
+    fixed.append({"widths": list(widths), "params": tree.count(res.state.params),
+                  "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+  best = max(fixed, key=lambda f: f["val_accuracy"])
+  g = results["gn"]
+  summary = {
+      "best_fixed": best,
+      "gn_reaches_best_fixed_accuracy_with_fewer_params": bool(
+          g["val_accuracy"] >= best["val_accuracy"] - 1e-9 and g["final_params"] < best["params"]),
+      "gn_val_loss_vs_others": {m: results[m]["val_loss"] for m in methods},
+      "gn_val_loss_per_param_rank": sorted(methods, key=lambda m: results[m]["val_loss"]),
+  }
+  return results, fixed, summary
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="smoke run (1 seed, short training)")
+  p.add_argument("--seeds", type=int, default=4)
+  p.add_argument("--parts", default="candidates,conv,search")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "results", "growth_quality.json"))
+  args = p.parse_args()
+  seeds = 1 if args.quick else args.seeds
+  train_steps = 100 if args.quick else 400
+  parts = args.parts.split(",")
+  report = {"config": {"ks": KS, "lambdas": LAMS, "learn": LEARN._asdict(),
+                       "relinearize_rounds": RELIN_ROUNDS, "seeds": seeds,
+                       "train_steps": train_steps, "devices": str(jax.devices())}}
+  rows, timing, same, compile_s = [], [], [], {}
+  t0 = time.time()
+  if "candidates" in parts:
+    for task in ("digits", "teacher"):
+      r, t, s, c = candidates_part(task, seeds, train_steps, 512, args.quick)
+      rows += r
+      timing += t
+      same += s
+      compile_s.update({f"{task}/{k}": v for k, v in c.items()})
+  if "conv" in parts:
+    r, t, s, c = candidates_part("conv", max(1, seeds // 2), train_steps, 256, args.quick)
+    rows += r
+    timing += t
+    same += s
+    compile_s.update({f"conv/{k}": v for k, v in c.items()})
+  if rows:
+    report["analysis"] = analyse(rows, timing, same)
+    report["timing"] = timing
+    report["adam_same_time"] = same
+    report["compile_seconds"] = compile_s
+    report["rows"] = rows
+    for task, a in report["analysis"].items():
+      print(f"\n== {task}: {a['candidates']} candidates; λ sweep (GN one-shot):")
+      print(format_table(a["lambda_sweep"]))
+      print(f"chosen λ = {a['chosen_lambda']}; where-to-grow agreement with the oracle: "
+            f"{a['where_to_grow']}")
+      keys = ["gn_over_oracle_train_median", "gn_over_oracle_heldout_median",
+              "relin_over_oracle_train_median", "relin_over_oracle_heldout_median",
+              "gn_time_over_oracle", "relin_time_over_oracle",
+              "adam_same_time_over_oracle_median", "gn_seconds_per_candidate",
+              "oracle_seconds_per_candidate"]
+      print(format_table([{k: a[k] for k in keys}]))
+  if "search" in parts:
+    results, fixed, summary = search_part(400 if args.quick else 2000, args.quick)
+    report["search"] = {"methods": results, "fixed": fixed, "summary": summary}
+    print("\n== growth search (digits, same training budget):")
+    print(format_table([{"method": m, "params": r["final_params"], "val_loss": r["val_loss"],
+                         "val_accuracy": r["val_accuracy"], "widths": r["widths"]}
+                        for m, r in results.items()]))
+    print(format_table(fixed))
+    print(summary)
+  report["seconds"] = time.time() - t0
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1, default=float)
+  print(f"\nwrote {args.out} ({report['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+  main()
