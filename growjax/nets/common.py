@@ -168,11 +168,24 @@ def host_rng(key: Array) -> np.random.Generator:
   return np.random.default_rng([int(d) for d in data])
 
 
+_ABSTRACT_CACHE: dict[Any, dict[str, jax.ShapeDtypeStruct]] = {}
+
+
 def abstract_variables(model, rng: Array | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """``{path: ShapeDtypeStruct}`` of ``model``'s variables, by tracing init (no compilation)."""
+  """``{path: ShapeDtypeStruct}`` of ``model``'s variables, by tracing init (no compilation).
+
+  Shapes depend only on the config (the module), not on the key, so they are memoised per
+  model: growth asks for the same grown shapes several times per step and tracing a flax init
+  costs tens of milliseconds.
+  """
   from growjax import tree  # pylint: disable=import-outside-toplevel
-  rng = jax.random.key(0) if rng is None else rng
-  return tree.flatten(jax.eval_shape(model.init_variables, rng))
+  del rng
+  if model not in _ABSTRACT_CACHE:
+    if len(_ABSTRACT_CACHE) > 256:
+      _ABSTRACT_CACHE.clear()
+    _ABSTRACT_CACHE[model] = tree.flatten(jax.eval_shape(model.init_variables,
+                                                         jax.random.key(0)))
+  return dict(_ABSTRACT_CACHE[model])
 
 
 def host_init(model, rng: Array, keep: Mapping[str, Array] | None = None) -> dict:
