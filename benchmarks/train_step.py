@@ -22,9 +22,13 @@ default) attributes growjax's extra work on that seed MLP and on the big MLP: ea
 hand-written step plus ONE thing growjax's step does (rng split and a dropout key passed to
 ``apply``; an accuracy metric; growjax's cross-entropy; optax extra-args support with the
 ``model_fn`` closure; all four), plus a lazily derived key (``fold_in(key, step)``, unused keys
-are removed by XLA), so costs read as differences in microseconds per step; what remains
-between "all four" and growjax is the call itself (TrainState pytree, static model, step
-counter).
+are removed by XLA), so costs read as differences in microseconds per step. growjax's own step
+jitted with the model closed over (no static argument) separates the per-call cost of hashing
+and comparing the static flax module from that of the TrainState call (pytree, step counter).
+
+To measure a modified growjax (e.g. a proposed patch in a copy of the package), put the folder
+holding that copy first on ``PYTHONPATH``: the script imports whichever growjax is importable
+and records its path.
 
 The process is pinned to one CPU (``--pin_cpu``, default 0, -1 for none) before JAX starts its
 worker threads, as in benchmarks/fm_bound.py: on this loaded 2-core machine a hand-off to a
@@ -143,7 +147,7 @@ class Runner:
   def __init__(self, kind, fn, model, variables, tx, xs, ys):
     self.kind, self.fn, self.model, self.xs, self.ys = kind, fn, model, xs, ys
     copy = jax.tree.map(jnp.array, variables)  # own buffers: the steps donate them
-    if kind == "growjax":
+    if kind in ("growjax", "closure"):
       self.state = train.create_state(copy, tx)
     else:
       self.state = (copy["params"], copy.get("batch_stats", {}), tx.init(copy["params"]),
@@ -154,6 +158,9 @@ class Runner:
     if self.kind == "growjax":
       for i in range(n):
         s, _ = self.fn(self.model, s, (xs[i % m], ys[i % m]))
+    elif self.kind == "closure":
+      for i in range(n):
+        s, _ = self.fn(s, (xs[i % m], ys[i % m]))
     else:
       for i in range(n):
         *s, _ = self.fn(*s, xs[i % m], ys[i % m])
@@ -161,7 +168,7 @@ class Runner:
     jax.block_until_ready(s)
 
   def params(self):
-    return self.state.params if self.kind == "growjax" else self.state[0]
+    return self.state[0] if self.kind == "hand" else self.state.params
 
 
 def interleaved(runners: dict, n: int, reps: int) -> dict:
@@ -224,7 +231,12 @@ def run_case(name, model, image, batch, args, ablate=False):
   variables = host_init(model, jax.random.key(0))
   fns = {"hand": hand_step(model, tx),
          "growjax": jax.jit(train.make_train_step(tx), static_argnums=0, donate_argnums=(1,))}
+  kinds = {"growjax": "growjax"}
   if ablate:
+    # growjax's own step with the model closed over instead of a static argument.
+    fns["growjax, model closed over"] = jax.jit(
+        functools.partial(train.make_train_step(tx), model), donate_argnums=(0,))
+    kinds["growjax, model closed over"] = "closure"
     fns.update({
         "+rng split": hand_step(model, tx, rng_split=True),
         "+accuracy": hand_step(model, tx, accuracy=True),
@@ -236,7 +248,7 @@ def run_case(name, model, image, batch, args, ablate=False):
         "+all, fold_in key": hand_step(model, tx, fold_in=True, accuracy=True,
                                        growjax_loss=True, extra_args=True),
     })
-  runners = {k: Runner("growjax" if k == "growjax" else "hand", f, model, variables, tx, xs, ys)
+  runners = {k: Runner(kinds.get(k, "hand"), f, model, variables, tx, xs, ys)
              for k, f in fns.items()}
   n = calibrate(runners["hand"], args.rep_seconds)
   for k, r in runners.items():

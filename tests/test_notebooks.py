@@ -141,6 +141,9 @@ def test_growth_notebook_grows_tabulates_and_compares_methods(tmp_path, monkeypa
   assert "predicted" in text and "realised" in text and "damping" in text
   assert s["methods"] == ["gn", "gradmax", "tiny"]
   assert s["candidates"] == 3 * 1 * 2  # 3 methods x 1 site x k in (1, 2)
+  # The comparison re-created round 1's state and statistics batch: same base loss as the
+  # Grower logged before applying round 1.
+  assert abs(s["compare_base_loss"] - rounds[0]["train_loss"]) < 1e-5
   for png in ("growth.png", "candidates.png", "train_curves.png"):
     assert _is_png(workdir / png)
   assert _images(book) >= 2
