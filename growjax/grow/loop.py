@@ -159,6 +159,8 @@ class Grower:
                  "%.4g, lambda %.3g (%.1fs)", self.rounds, step, row["sites"], params,
                  row["params"], row["predicted"], row["realised"], result.damping,
                  row["seconds"])
+    if self.rounds >= s.max_rounds:
+      self._stop(f"reached max_rounds={s.max_rounds}")
     if applied and s.min_gain_per_param > 0:
       gain = max(r.get("predicted", 0.0) / max(r["params_after"] - r["params_before"], 1)
                  for r in applied)

@@ -53,13 +53,20 @@ class Checkpointer:
 
   def save(self, step: int, model: nn.Module, state: TrainState,
            history: list[Mapping[str, Any]] | None = None,
-           extra: Mapping[str, Any] | None = None) -> None:
-    """Writes a checkpoint for ``step`` (atomic: all or nothing)."""
+           extra: Mapping[str, Any] | None = None) -> bool:
+    """Writes a checkpoint for ``step`` (atomic: all or nothing).
+
+    A step is written once: if ``step`` already has a checkpoint (e.g. a finished run resumed),
+    nothing is written and False is returned.
+    """
+    if int(step) in self.all_steps():
+      return False
     meta = {"model": config_dict(model), "history": list(history or []),
             "extra": dict(extra or {}), "step": int(step)}
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
+    return True
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

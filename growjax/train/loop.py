@@ -190,7 +190,8 @@ def plot_curves(records: Sequence[dict], path: str, title: str = "") -> str:
   for ax in axes:
     for g in grows:
       ax.axvline(g, color="gray", lw=0.8, ls=":")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
   fig.suptitle(title)
   return save_figure(fig, path)
 

@@ -27,7 +27,8 @@ class TrainState(NamedTuple):
     params: the ``params`` collection.
     opt_state: optax state for ``params``.
     model_state: other mutable collections (``{"batch_stats": ...}`` or ``{}``).
-    rng: raw uint32[2] PRNG key (dropout); split every step.
+    rng: raw uint32[2] base PRNG key; step ``t`` uses ``fold_in(rng, t)`` (dropout), so a
+      restored run draws the same numbers as an uninterrupted one.
   """
   step: jax.Array
   params: Any

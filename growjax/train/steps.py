@@ -48,7 +48,9 @@ def make_train_step(tx: optax.GradientTransformation, loss: str | Loss = "softma
 
   def step(model: nn.Module, state: TrainState, batch) -> tuple[TrainState, dict]:
     x, y = batch
-    rng, drop_rng = jax.random.split(state.rng)
+    # Derived from the step counter, not split off a carried key: XLA removes it when the
+    # model draws no random numbers, while a stored split costs a threefry loop every step.
+    drop_rng = jax.random.fold_in(state.rng, state.step)
 
     def objective(params):
       variables = {"params": params, **state.model_state}
@@ -70,8 +72,7 @@ def make_train_step(tx: optax.GradientTransformation, loss: str | Loss = "softma
     if loss.correct is not None:
       metrics["accuracy"] = jnp.mean(loss.correct(out, y))
     new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state,
-                               model_state=new_ms if new_ms is not None else state.model_state,
-                               rng=rng)
+                               model_state=new_ms if new_ms is not None else state.model_state)
     return new_state, metrics
 
   return step
@@ -107,6 +108,9 @@ def evaluate(eval_step, model: nn.Module, state: TrainState, data, batch_size: i
   """
   totals: dict[str, float] = {}
   n = len(data)
+  if n == 0:
+    raise ValueError("evaluate: the dataset is empty (e.g. a validation split of a tiny "
+                     "dataset rounded to zero examples); give it at least one example.")
   for start in range(0, n, batch_size):
     batch = (data.x[start:start + batch_size], data.y[start:start + batch_size])
     if put is not None:
