@@ -110,13 +110,16 @@ class SparseLayout(NamedTuple):
   The parallel passes read slot-major child -> parent arrays: on XLA:CPU a sum of ``K``
   one-dimensional gathers ``m[parents_t[k]]`` is 5-10x faster than one two-dimensional gather
   ``m[parents]``, and the transposed product is ``K`` one-dimensional scatter-adds over the same
-  arrays (no padding). The unit-at-a-time loops (sequential and block CAVI) read unit-major
-  parent -> child rows, so one unit's children are one contiguous row. Zero weights are left out
-  of the children arrays (they carry no interaction); their padding has index 0 and weight 0.
+  arrays (no padding). Zero weights are moved to the back of each child's slots and slots that
+  are zero for every child dropped (``K_l`` here is the most nonzero parents of any child), so a
+  forest stored with ``K > 1`` slots costs one slot. The unit-at-a-time loops (sequential and
+  block CAVI) read unit-major parent -> child rows, so one unit's children are one contiguous
+  row. Zero weights are left out of the children arrays (they carry no interaction); their
+  padding has index 0 and weight 0.
 
   Attributes:
-    parents_t: int ``[K_l, n_l]``: ``parents.T``.
-    weights_t: ``[K_l, n_l]``: ``weights.T``.
+    parents_t: int ``[K_l, n_l]``: ``parents.T``, nonzero weights first, all-zero slots dropped.
+    weights_t: ``[K_l, n_l]``: the matching weights (padding: index 0, weight 0).
     children: int ``[n_{l+1}, D_l]``: each parent's children, padded.
     child_weights: ``[n_{l+1}, D_l]``: the matching weights (0 on padding).
   """
@@ -223,6 +226,23 @@ def _children_of(parents: np.ndarray, weights: np.ndarray, num_parents: int, dty
   children[pa, slot] = rows
   child_weights[pa, slot] = weights[rows, ks]
   return children, child_weights
+
+
+def _compact_slots(parents: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Moves each child's nonzero weights to the front and drops the slots that are zero for all.
+
+  The parallel passes touch every slot of the slot-major arrays, so explicit zeros (e.g. a
+  forest stored with ``K > 1`` slots) would cost work without carrying any interaction. Keeps at
+  least one slot; padding has index 0 and weight 0.
+  """
+  nz = weights != 0
+  order = np.argsort(~nz, axis=1, kind="stable")
+  width = max(int(nz.sum(axis=1).max(initial=0)), 1)
+  order = order[:, :width]
+  keep = np.take_along_axis(nz, order, axis=1)
+  slot_parents = np.where(keep, np.take_along_axis(parents, order, axis=1), 0)
+  slot_weights = np.where(keep, np.take_along_axis(weights, order, axis=1), 0).astype(weights.dtype)
+  return slot_parents, slot_weights
 
 
 def gaussian_def(x, weights: Sequence[Any], *, parents: Sequence[Any] | None = None,
@@ -343,10 +363,11 @@ def gaussian_def(x, weights: Sequence[Any], *, parents: Sequence[Any] | None = N
       raise ValueError(f"parents[{l}] lists a parent twice for one child; sum the weights of "
                        "repeated parents into one entry.")
     children, child_weights = _children_of(p, w, sizes[l + 1], np_dtype)
+    slot_parents, slot_weights = _compact_slots(p, w)
     par_out.append(jnp.asarray(p, jnp.int32))
     lay_out.append(SparseLayout(
-        parents_t=jnp.asarray(np.ascontiguousarray(p.T), jnp.int32),
-        weights_t=jnp.asarray(np.ascontiguousarray(w.T), dtype),
+        parents_t=jnp.asarray(np.ascontiguousarray(slot_parents.T), jnp.int32),
+        weights_t=jnp.asarray(np.ascontiguousarray(slot_weights.T), dtype),
         children=jnp.asarray(children, jnp.int32),
         child_weights=jnp.asarray(child_weights, dtype)))
 
@@ -438,11 +459,33 @@ def to_dense(model: GaussianDEF) -> GaussianDEF:
 # Layer operators: dense matmuls or sparse gathers (both directions gather, which beats scatter).
 
 
+_GATHER_1D = jax.lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,),
+                                           start_index_map=(0,))
+_SCATTER_1D = jax.lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
+                                             scatter_dims_to_operand_dims=(0,))
+
+
+def _take(v: Array, index: Array) -> Array:
+  """``v[index]`` for in-bounds indices ``[...]`` (validated by ``gaussian_def``).
+
+  Straight to ``lax.gather`` with ``PROMISE_IN_BOUNDS``: no clamping and no negative-index
+  handling per element, which ``v[index]`` adds.
+  """
+  return jax.lax.gather(v, index[..., None], _GATHER_1D, slice_sizes=(1,),
+                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _add_at(v: Array, index: Array, values: Array) -> Array:
+  """``v.at[index].add(values)`` for in-bounds indices (``lax.scatter_add``, no checks)."""
+  return jax.lax.scatter_add(v, index[..., None], values, _SCATTER_1D,
+                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
 def _gather_sum(weights_t: Array, index_t: Array, v: Array) -> Array:
   """``sum_k weights_t[k] * v[index_t[k]]``: ``[K, n]`` slot-major arrays -> ``[n]``."""
-  out = weights_t[0] * v[index_t[0]]
+  out = weights_t[0] * _take(v, index_t[0])
   for k in range(1, weights_t.shape[0]):  # static, unrolled: see SparseLayout for why
-    out = out + weights_t[k] * v[index_t[k]]
+    out = out + weights_t[k] * _take(v, index_t[k])
   return out
 
 
@@ -451,11 +494,12 @@ def _scatter_sum(values_t: Array, index_t: Array, size: int) -> Array:
 
   The transpose of ``_gather_sum``. ``K`` one-dimensional scatters over the child -> parent
   arrays beat gathering over the padded parent -> child arrays (no padding, no fusion of the
-  gather chain into the next gather, which XLA:CPU otherwise recomputes per element).
+  gather chain into the next gather, which XLA:CPU otherwise recomputes per element), and inside
+  the solvers' loops they beat one flat scatter of all ``K n`` edges too.
   """
   out = jnp.zeros((size,), values_t.dtype)
   for k in range(values_t.shape[0]):
-    out = out.at[index_t[k]].add(values_t[k])
+    out = _add_at(out, index_t[k], values_t[k])
   return out
 
 
@@ -490,12 +534,33 @@ def residuals(model: GaussianDEF, means: Sequence[Array]) -> tuple:
   return tuple(out)
 
 
+_LOG_ROWS = 128  # 0.5 ** 128 ~ 3e-39: a product of that many mantissas stays a normal float
+
+
+def _sum_log(x: Array) -> Array:
+  """``sum(log(x))`` for a vector ``x`` with a handful of logs instead of one per element.
+
+  ``x = m 2^e`` with ``m`` in ``[0.5, 1)`` (``frexp``), so ``sum log x = ln 2 sum e +
+  sum_j log prod_{i in row j} m_i`` over rows of ``_LOG_ROWS`` mantissas (never under- or
+  overflows; rounding ~1e-16 relative per factor). On XLA:CPU a float64 ``log`` costs ~6 ns per
+  element, a large part of a solve's fixed cost. Zeros give ``-inf`` and negative entries NaN,
+  as ``sum(log(x))`` does (subnormals, which XLA:CPU flushes to zero, aside).
+  """
+  m, e = jnp.frexp(x)
+  n = x.shape[0]
+  cols = -(-n // _LOG_ROWS)
+  m = jnp.concatenate([m, jnp.ones((_LOG_ROWS * cols - n,), m.dtype)]).reshape(_LOG_ROWS, cols)
+  value = (jnp.sum(e).astype(x.dtype) * float(np.log(2.0))
+           + jnp.sum(jnp.log(jnp.abs(jnp.prod(m, axis=0)))))
+  return jnp.where(jnp.any(x < 0), jnp.nan, value)
+
+
 def _elbo_terms(model: GaussianDEF, res, precision, variances) -> Array:
   fit = sum(jnp.sum(jnp.square(r) / s) for r, s in zip(res, model.variances))
   spread = sum(jnp.sum(p * v) for p, v in zip(precision, variances))
-  entropy = sum(jnp.sum(jnp.log(v)) for v in variances)
+  entropy = sum(_sum_log(v) for v in variances)
   n_latent = sum(model.sizes[1:])
-  log_norm = sum(jnp.sum(jnp.log(s)) for s in model.variances)
+  log_norm = sum(_sum_log(s) for s in model.variances)
   log2pi = float(np.log(2 * np.pi))
   const = -0.5 * sum(model.sizes) * log2pi + 0.5 * n_latent * (log2pi + 1.0)
   return const - 0.5 * (fit + spread + log_norm) + 0.5 * entropy
@@ -801,8 +866,8 @@ def sequential_cavi(*, unroll: int = 8) -> DEFSolver:
       else:
         def body(r_below, xs):
           a, il, c, w, ws = xs
-          delta = (a + jnp.dot(ws, r_below[c])) * il
-          return r_below.at[c].add(-w * delta), delta
+          delta = (a + jnp.dot(ws, _take(r_below, c))) * il
+          return _add_at(r_below, c, -w * delta), delta
         xs = (own, inv_lam, ch, cw, cws)
       r_below, deltas = jax.lax.scan(body, res[l - 1], xs, unroll=unroll)
       means[l - 1] = means[l - 1] + deltas
@@ -910,8 +975,8 @@ def block_cavi(blocks: Sequence[Any]) -> DEFSolver:
       else:
         def body(r_below, xs):
           a, il, c, w, ws = xs
-          delta = (a + jnp.sum(ws * r_below[c], axis=1)) * il
-          return r_below.at[c].add(-w * delta[:, None]), delta
+          delta = (a + jnp.sum(ws * _take(r_below, c), axis=1)) * il
+          return _add_at(r_below, c, -w * delta[:, None]), delta
         xs = (own, inv_lam, ch[idx], cw[idx], cws[idx])
       r_below, deltas = jax.lax.scan(body, res[l - 1], xs)
       flat_idx, flat_delta = idx.reshape(-1), deltas.reshape(-1)
