@@ -460,7 +460,7 @@ def test_fm_bound_experiment_quick(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Speed-related internals: compact slot layout and the log-sum of the ELBO's constant terms.
+# Speed-related internals: compact slot layout, transposed products, default init.
 
 
 def test_sparse_layout_drops_zero_slots_and_keeps_the_products():
@@ -489,18 +489,23 @@ def test_sparse_layout_drops_zero_slots_and_keeps_the_products():
                                -m + dense.T @ (x - dense @ m), atol=1e-12)
     np.testing.assert_allclose(flat(vi.exact_posterior(model).means),
                                joint_oracle(model)[0], atol=1e-10)
-
-
-def test_sum_log_matches_elementwise_log():
-  from growjax.vi.deep_exponential import _sum_log  # internal: the ELBO's constant terms
-  with jax.enable_x64(True):
-    rng = np.random.default_rng(12)
-    for n in (1, 127, 128, 129, 3001):
-      x = np.exp(rng.normal(size=n) * 60.0)  # spans ~1e-150 .. 1e150
-      assert float(_sum_log(jnp.asarray(x))) == pytest.approx(np.sum(np.log(x)), abs=1e-9)
-    assert float(_sum_log(jnp.array([2.0, 0.0]))) == -np.inf
-    assert np.isnan(float(_sum_log(jnp.array([-1.0, -2.0, 3.0]))))
-    assert float(_sum_log(jnp.array([np.inf, 2.0]))) == np.inf
+    # Both forms of the transposed product (gather over parent -> child slots, scatter over
+    # child -> parent slots) give W^T r; the solvers pick one by the padding.
+    from growjax.vi import deep_exponential as de  # internal: the two sparse kernels
+    lay, r = model.layout[0], rng.normal(size=7)
+    np.testing.assert_allclose(np.asarray(de._gather_sum(lay.child_weights_t, lay.children_t,
+                                                         jnp.asarray(r))), dense.T @ r,
+                               atol=1e-12)
+    np.testing.assert_allclose(np.asarray(de._scatter_sum(lay.weights_t * jnp.asarray(r)[None],
+                                                          lay.parents_t, 9)), dense.T @ r,
+                               atol=1e-12)
+    dense_5 = vi.forest_like_model(1.0, num_children=200, num_parents=100, dtype=jnp.float64)
+    assert de._gather_transposed(dense_5.layout[0])  # 5 parents per child: gather
+    assert not de._gather_transposed(forest.layout[0])  # a forest: scatter
+    # The default initial state (all means 0) has the residuals of zero means.
+    state = vi.forest_mixture().init(model)
+    for got, want in zip(state.residuals, vi.residuals(model, (jnp.zeros(9),))):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=0)
 
 
 def test_solve_stopping_rules_reach_the_exact_optimum_on_the_benchmark_model():
