@@ -531,3 +531,32 @@ def test_solve_stopping_rules_reach_the_exact_optimum_on_the_benchmark_model():
         assert bool(info.converged), (eps, name)
         np.testing.assert_allclose(flat(state.means), flat(exact.means), atol=1e-6,
                                    err_msg=f"{eps} {name}")
+
+
+def test_degree_bucketed_sequential_cavi_is_exact_coordinate_ascent():
+  from growjax.vi.deep_exponential import degree_buckets  # not re-exported by growjax.vi
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(13)
+    model = random_model(rng, (9, 7, 4), sparse=True)
+    lam, h = posterior_precision(model)
+    buckets = degree_buckets(model, 3)
+    offsets = np.concatenate([[0], np.cumsum(model.sizes[1:])])
+    order = []
+    for groups, n, off in zip(buckets, model.sizes[1:], offsets):
+      units = np.concatenate([g[0] for g in groups])
+      assert sorted(units.tolist()) == list(range(n))  # a partition of the layer
+      degrees = [int((np.asarray(g[2]) != 0).sum(axis=1).max()) for g in groups]
+      assert degrees == sorted(degrees, reverse=True)  # most children first
+      order.extend(off + units)
+    # One sweep is Gauss-Seidel on the precision matrix in the bucket order, layer by layer.
+    m0 = rng.normal(size=offsets[-1])
+    solver = vi.sequential_cavi(unroll=1, buckets=buckets)
+    state = jax.jit(solver.step)(model, solver.init(model, means=split(model, m0)))
+    np.testing.assert_allclose(flat(state.means), gauss_seidel(lam, h, m0, order), rtol=1e-9,
+                               atol=1e-11)
+    for r_got, r_want in zip(state.residuals, vi.residuals(model, state.means)):
+      np.testing.assert_allclose(r_got, r_want, atol=1e-10)
+    with pytest.raises(ValueError, match="num_buckets"):
+      degree_buckets(model, 0)
+    with pytest.raises(ValueError, match="buckets for 1 layers"):
+      vi.sequential_cavi(buckets=buckets[:1]).step(model, solver.init(model))
