@@ -425,7 +425,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--reps", type=int, default=3, help="repetitions (growjax: 1 cold + warm)")
-  parser.add_argument("--methods", default="gn,tiny", help="growjax methods")
+  parser.add_argument("--methods", default="gn,gn_default,tiny",
+                      help="growjax variants (gn: fast GN mode; gn_default: library defaults)")
+  parser.add_argument("--width_bucket", type=int, default=32, help="gn: GrowConfig.width_bucket")
+  parser.add_argument("--psi_steps", type=int, default=5, help="gn: Adam steps on the fan-in")
+  parser.add_argument("--psi_lr", type=float, default=0.1, help="gn: their learning rate")
   parser.add_argument("--gromo_methods", default="tiny,tiny+delta")
   parser.add_argument("--no_gromo", action="store_true")
   parser.add_argument("--cache_probe", type=int, default=1, help="run the cache probe (0/1)")
@@ -461,9 +465,7 @@ def main(argv=None) -> dict:
   init_vars = jax.device_get(host_init(seed_model, jax.random.key(args.seed)))
   trainer = train.make_trainer(optax.adam(args.lr), "softmax_cross_entropy")
   methods = [m for m in args.methods.split(",") if m]
-  searchers = {m: TimedSearcher("softmax_cross_entropy",
-                                grow.GrowConfig(method=m, ks=_ks(args.k_max)))
-               for m in methods}
+  searchers = {m: TimedSearcher("softmax_cross_entropy", grow_config(m, args)) for m in methods}
   variants = [] if args.no_gromo else [("gromo", m) for m in args.gromo_methods.split(",") if m]
   variants += [("growjax", m) for m in methods]
   runs: dict[str, list[dict]] = {f"{fw} {m}": [] for fw, m in variants}
@@ -506,6 +508,25 @@ def main(argv=None) -> dict:
       json.dump(result, fh, indent=1, default=float)
     print(f"\nwrote {args.out}")
   return result
+
+
+def grow_config(method: str, args) -> grow.GrowConfig:
+  """growjax's configuration of a variant.
+
+  ``gn``: the fast Gauss-Newton mode for small dense networks — exact GN fan-out by a dense
+  solve on per-example u-space curvature, fan-in started from the GN-metric SVD and refined by
+  ``--psi_steps`` Adam steps, all on a network padded to ``--width_bucket`` (compiled functions
+  reused across growth steps). ``gn_default``: the library defaults (CG fan-out, 20 Adam fan-in
+  steps from a random start, no padding). ``tiny`` and others: library defaults of that method.
+  """
+  ks = _ks(args.k_max)
+  if method == "gn":
+    learn = grow.LearnConfig(fan_out_solver="dense", psi_init="svd", psi_steps=args.psi_steps,
+                             psi_lr=args.psi_lr)
+    return grow.GrowConfig(method="gn", ks=ks, width_bucket=args.width_bucket, learn=learn)
+  if method == "gn_default":
+    return grow.GrowConfig(method="gn", ks=ks)
+  return grow.GrowConfig(method=method, ks=ks)
 
 
 def _ks(k_max: int) -> tuple[int, ...]:

@@ -53,6 +53,41 @@ def test_fan_out_cg_solve_equals_dense_solve(digits_mlp):
   np.testing.assert_allclose(float(cand.predicted), -float(b @ w + 0.5 * w @ g @ w), rtol=1e-3)
 
 
+def _fast(**over):
+  """The fast GN mode for small MLPs (benchmarks/vs_gromo.py)."""
+  learn = dict(fan_out_solver="dense", psi_init="svd", psi_steps=0)
+  learn.update(over)
+  return C.LearnConfig(**learn)
+
+
+def test_dense_fan_out_solve_equals_dense_hessian_solve(digits_mlp):
+  """fan_out_solver='dense' (per-example u-space GN matrices) = solve with jax.hessian."""
+  model, v, x, y, _ = digits_mlp
+  s = _searcher(psi_steps=0, fan_out_solver="dense")
+  lam = 1e-2
+  for name, width in (("hidden_0", 6), ("hidden_1", 10)):
+    stats = s.stats(model, v, x, y, (name,))
+    site = model.growth_sites()[name]
+    ss = stats.sites[name]
+    psi0, _ = s.templates(model, v, name, 3, jax.random.key(1))
+    cand = s.candidate(model, v, stats, name, 3, "gn", lam, jax.random.key(1), psi0=psi0)
+    a = site.fan_in(psi0, ss.h)
+    q = lambda w: C.gn_model(ss.lin, XENT, y, site.fan_out({"kernel": w.reshape(3, width)}, a))
+    dim = 3 * width
+    b = jax.grad(q)(jnp.zeros(dim))
+    g = jax.hessian(q)(jnp.zeros(dim))  # eager: see the CG test
+    want = -jnp.linalg.solve(g + lam * jnp.eye(dim), b)
+    np.testing.assert_allclose(cand.omega["kernel"], want.reshape(3, width), rtol=2e-3,
+                               atol=2e-5)
+    w = want
+    np.testing.assert_allclose(cand.predicted, -float(b @ w + 0.5 * w @ g @ w), rtol=1e-3)
+    # The u-space model equals the matrix-free GN model for any perturbation.
+    dc = C.dense_curvature(ss.lin, XENT, y)
+    d = jax.random.normal(jax.random.key(5), ss.lin.vjp(ss.lin.z).shape)
+    np.testing.assert_allclose(float(C.dense_model(dc, d)),
+                               float(C.gn_model(ss.lin, XENT, y, d)), rtol=1e-4)
+
+
 def test_kfac_fan_out_equals_cg_where_the_factorisation_is_exact():
   """Consumer = head (J_u = I) and squared error (H = I): E[aaᵀ ⊗ I] = A ⊗ I exactly."""
   model = nets.MLP(input_dim=5, widths=(4,), num_outputs=3)
@@ -92,6 +127,58 @@ def test_learned_gn_value_is_no_larger_than_every_baseline(digits_mlp):
         other = damped(s.candidate(model, v, stats, name, k, method, lam, rng))
         assert gn <= other + 1e-6, (name, k, method, gn, other)
       assert gn < 0  # it actually predicts a decrease
+
+
+@pytest.mark.parametrize("steps", [3])
+def test_fast_mode_gn_value_is_no_larger_than_every_baseline(digits_mlp, steps):
+  """The fast mode (dense exact fan-out, GN-metric SVD fan-in, few or no Adam steps) still
+  attains a damped GN-model value no larger than every baseline's on the same statistics."""
+  model, v, x, y, _ = digits_mlp
+  lam = 2e-3
+  fast = grow.Searcher(XENT, grow.GrowConfig(learn=_fast(psi_steps=steps, psi_lr=0.1)))
+  base = _searcher()
+  for name in ("hidden_0", "hidden_1"):
+    stats = base.stats(model, v, x, y, (name,))
+    site = model.growth_sites()[name]
+    ss = stats.sites[name]
+
+    def damped(c):
+      d = C.candidate_delta(site, c.psi, c.omega, ss.h)
+      norm = sum(float(jnp.vdot(t, t)) for t in jax.tree.leaves((c.psi, c.omega)))
+      return float(C.gn_model(ss.lin, XENT, y, d)) + 0.5 * lam * norm
+
+    for k in (1, 4):
+      rng = jax.random.key(k)
+      gn = damped(fast.candidate(model, v, stats, name, k, "gn", lam, rng))
+      others = {m: damped(base.candidate(model, v, stats, name, k, m, lam, rng))
+                for m in ("random", "gradmax", "tiny", "firefly")}
+      for method, other in others.items():
+        assert gn <= other + 1e-6, (name, k, method, gn, other)
+      assert gn < 0
+
+
+def test_width_bucket_round_equals_the_unpadded_round_and_reuses_compilations(digits_mlp):
+  """Padding with inert units changes nothing but the compiled shapes: the same morphisms,
+  predictions and grown network, and no new compiled functions while widths stay in bucket."""
+  model, v, x, y, _ = digits_mlp
+  runs = {}
+  for bucket in (0, 16):
+    s = grow.Searcher(XENT, grow.GrowConfig(ks=(1, 2), width_bucket=bucket, learn=_fast()))
+    m, vv, recs, sizes = model, v, [], []
+    for r in range(2):
+      res = grow.grow_round(s, m, vv, x, y, damping=2e-3, rng=jax.random.key(r))
+      m, vv = res.model, res.variables
+      recs += [r for r in res.records if r["op"] == "add_units"]
+      sizes.append(len(s._cache))  # pylint: disable=protected-access
+    runs[bucket] = (m, vv, recs, sizes)
+  (m0, v0, r0, _), (m1, v1, r1, sizes) = runs[0], runs[16]
+  assert m0 == m1 and max(m1.widths) <= 16
+  assert [(a["site"], a["k"], a["gamma"]) for a in r0] == [(a["site"], a["k"], a["gamma"])
+                                                           for a in r1]
+  np.testing.assert_allclose([a["predicted"] for a in r1], [a["predicted"] for a in r0],
+                             rtol=1e-3)
+  np.testing.assert_allclose(m1.apply(v1, x), m0.apply(v0, x), atol=2e-3)
+  assert sizes[1] == sizes[0]  # round 2 compiled nothing new (same padded network)
 
 
 def test_prediction_matches_the_real_loss_to_second_order(digits_mlp):
@@ -230,6 +317,20 @@ def test_config_errors():
     grow.Searcher(XENT, grow.GrowConfig(method="magic"))
   with pytest.raises(ValueError, match="fan_out_solver"):
     grow.Searcher(XENT, grow.GrowConfig(learn=C.LearnConfig(fan_out_solver="qr")))
+  with pytest.raises(ValueError, match="psi_init='svd' needs"):
+    grow.Searcher(XENT, grow.GrowConfig(learn=C.LearnConfig(psi_init="svd")))
+  with pytest.raises(ValueError, match="relinearize cannot be combined"):
+    grow.Searcher(XENT, grow.GrowConfig(width_bucket=8, relinearize=1))
+  conv = nets.ConvNet(input_shape=(8, 8, 1), channels=(3, 4), num_outputs=4)
+  cv = nets.common.host_init(conv, jax.random.key(0))
+  with pytest.raises(ValueError, match="width_bucket supports dense sites only"):
+    grow.Searcher(XENT, grow.GrowConfig(width_bucket=8)).padded(conv, cv)
+  xc = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1))
+  yc = jnp.arange(4)
+  s = _searcher(fan_out_solver="dense")
+  with pytest.raises(ValueError, match="fan_out_solver='dense' needs a dense consumer"):
+    s.candidate(conv, cv, s.stats(conv, cv, xc, yc, ("conv_0",)), "conv_0", 1, "gn", 1e-2,
+                jax.random.key(0))
   model = nets.MLP(widths=(4,))
   with pytest.raises(KeyError, match="available"):
     grow.Searcher(XENT, grow.GrowConfig(sites=("hidden_9",))).site_names(model)

@@ -6,8 +6,10 @@ pre-activation by ``δ = fan_out(Ω, fan_in(Ψ, h))``. Methods (all fed by one `
 
 * ``gn`` — Lawton, Galstyan & Ver Steeg (2024, arXiv:2411.05855): minimise the damped GN model
   ``Q(φ) = E[g_zᵀ Jδ] + ½ E[(Jδ)ᵀ H_z (Jδ)] + (λ/2)‖φ‖²``: for fixed ``Ψ`` the problem in ``Ω``
-  is damped least squares (CG on matrix-free GN products, or the K-FAC closed form); ``Ψ`` takes
-  Adam steps on the reduced objective ``Q(Ψ, Ω*(Ψ))`` (envelope theorem: ``Ω*`` is held fixed
+  is damped least squares (CG on matrix-free GN products, the K-FAC closed form, or — for a
+  dense consumer with a small pre-activation — an exact dense solve on per-example ``u``-space
+  GN matrices ``G_n = J_nᵀ H_n J_n`` computed once per call, after which no iteration touches
+  the upper network again); ``Ψ`` takes Adam steps on the reduced objective ``Q(Ψ, Ω*(Ψ))`` (envelope theorem: ``Ω*`` is held fixed
   in the gradient). Score: the predicted decrease ``−(Q* − L0)`` without the damping term.
 * ``tiny`` — TINY-style first-order least squares (Verbockhaven et al. 2024): the same model with
   ``JᵀH_zJ`` replaced by the identity in ``u``-space and the activation linearised, solved by
@@ -45,6 +47,8 @@ Array = jax.Array
 PyTree = Any
 
 METHODS = ("gn", "tiny", "gradmax", "random", "firefly", "oracle")
+FAN_OUT_SOLVERS = ("cg", "kfac", "dense")
+DENSE_MAX_U = 512  # largest per-example consumer pre-activation of the "dense" fan-out solver
 
 
 class LearnConfig(NamedTuple):
@@ -56,8 +60,18 @@ class LearnConfig(NamedTuple):
     cg_inner: CG iterations per fan-in step (warm-started).
     psi_steps: Adam steps on the fan-in (reduced objective).
     psi_lr: their learning rate.
-    fan_out_solver: ``"cg"`` (exact GN) or ``"kfac"`` (closed form of the Kronecker model).
-    psi_init: ``"random"`` or ``"tiny"`` (start the fan-in from the TINY solution).
+    fan_out_solver: ``"cg"`` (exact GN, matrix-free), ``"kfac"`` (closed form of the Kronecker
+      model) or ``"dense"`` (exact GN by a dense solve on the per-example ``u``-space curvature;
+      needs a consumer pre-activation ``u`` of shape [n, U] with U ≤ ``DENSE_MAX_U``, i.e. a
+      dense consumer: the fast choice for MLPs, where every fan-in step costs a few small
+      matrix products instead of CG iterations through the upper network).
+    psi_init: ``"random"`` (the model's initialiser), ``"tiny"`` (start the fan-in from the TINY
+      solution) or ``"svd"`` (closed form, needs ``fan_out_solver="dense"``: the top singular
+      directions of the linearised candidate in the metric of the Kronecker-factored GN model,
+      ``A^{-1/2} E[φ g_uᵀ] S^{-1/2}`` with ``A = E[φφᵀ]`` over the linear fan-in features φ and
+      ``S = E[G_n]``; units come in ± pairs, so that a pair of ReLU units with opposite fan-out
+      is exactly one linear unit; then the exact fan-out solve, then ``psi_steps`` Adam steps
+      refine it on the exact GN model — few are needed from this start).
     tiny_iters: alternating least-squares iterations of the TINY baseline.
     gradmax_scale: Frobenius norm of each GradMax fan-out column.
     firefly_steps: real Adam steps of the Firefly baseline.
@@ -219,6 +233,184 @@ def kfac_fan_out(site: Site, ss: SiteStats, y: Array, loss: Loss, a: Array,
   return {site.out_leaves[0].name: omega.reshape(omega_shape)}
 
 
+class DenseCurvature(NamedTuple):
+  """The GN model in ``u``-space, per example (``"dense"`` fan-out solver).
+
+  Attributes:
+    g_u: ``J_nᵀ g_n`` [n, U] (sum over the example's loss terms, not averaged).
+    gmat: ``G_n = J_nᵀ H_n J_n`` [n, U, U].
+    count: number of loss terms (the model averages over them).
+  """
+  g_u: Array
+  gmat: Array
+  count: int
+
+
+def dense_curvature(lin, loss: Loss, y: Array) -> DenseCurvature:
+  """Per-example gradient and GN matrix of the loss in the consumer pre-activation ``u``.
+
+  With ``H_n = L_n L_nᵀ`` (closed form per loss), ``C`` vjps of the cached linearisation (one
+  per column of ``L``, all examples at once) give ``S_n = L_nᵀ J_n`` [C, U] and
+  ``G_n = S_nᵀ S_n``. With these the GN model of any ``δ`` [n, U] is
+  ``Σ_n (g_nᵀ δ_n + ½ δ_nᵀ G_n δ_n) / count`` — exactly ``gn_model`` — without the upper network.
+
+  Raises:
+    ValueError: if ``u`` is not [n, U] with U ≤ ``DENSE_MAX_U`` (e.g. a conv consumer) or the
+      logits are not [n, C].
+  """
+  g_u = lin.vjp(loss.grad(lin.z, y))
+  if g_u.ndim != 2 or g_u.shape[-1] > DENSE_MAX_U or lin.z.ndim != 2:
+    raise ValueError(
+        f"fan_out_solver='dense' needs a dense consumer whose pre-activation u is [n, U] with "
+        f"U <= {DENSE_MAX_U} and logits [n, C]; this site has u of shape {g_u.shape} and logits "
+        f"{lin.z.shape}. Use fan_out_solver='cg' (exact, matrix-free) or 'kfac' for this model.")
+  with jax.numpy_rank_promotion("allow"):  # _hessian_sqrt broadcasts implicitly
+    l_cols = jnp.moveaxis(_hessian_sqrt(loss, lin.z, y), -1, 0)  # [C, n, C]: columns of L_n
+  s_fac = jax.vmap(lin.vjp)(l_cols)  # [C, n, U]
+  gmat = jnp.einsum("cnu,cnv->nuv", s_fac, s_fac)
+  return DenseCurvature(g_u, gmat, _count(lin.z))
+
+
+def dense_model(dc: DenseCurvature, d: Array) -> Array:
+  """GN model of the loss change for a perturbation ``d`` [n, U] of ``u`` (no damping)."""
+  gd = jnp.sum(dc.gmat * d[:, None, :], axis=-1)  # G_n δ_n (broadcast: see dense_curvature)
+  return (jnp.sum(dc.g_u * d) + 0.5 * jnp.sum(d * gd)) / dc.count
+
+
+def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[int, ...],
+                  damping, delta_base: Array | None = None, units: Array | None = None) -> dict:
+  """Exact minimiser in ``Ω`` of the damped GN model for fixed activations ``a`` (dense solve).
+
+  With features ``f_n`` [D] (``δ_n = Ωᵀ f_n``, ``Ω`` [D, U]) the model is quadratic in vec(Ω)
+  with matrix ``M = Σ_n (f_n f_nᵀ) ⊗ G_n / count`` [DU, DU] and linear term
+  ``b = Σ_n f_n ⊗ g_n / count``; ``(M + λI) vec(Ω) = −b`` is solved directly.
+
+  ``units`` (0/1 [k], for ``Ω`` [k, U]) masks units in ``M`` and ``b`` instead of in ``a``:
+  the same solution, but ``M`` is then shared by every unit mask when the candidate sizes of a
+  vmapped call share their activations.
+  """
+  feats = fan_out_features(site, a, omega_shape)[:, 0, :]  # [n, D] (P = 1 for dense consumers)
+  g_u = dc.g_u
+  if delta_base is not None:  # gradient of the model at the offset point
+    g_u = g_u - jnp.sum(dc.gmat * delta_base[:, None, :], axis=-1)
+  d, width = feats.shape[-1], g_u.shape[-1]
+  inv = 1.0 / dc.count
+  n = feats.shape[0]
+  ff = (feats[:, :, None] * feats[:, None, :]).reshape(n, d * d)
+  mmat = (ff.T @ dc.gmat.reshape(n, width * width)).reshape(d, d, width, width)  # one GEMM
+  mmat = inv * jnp.transpose(mmat, (0, 2, 1, 3)).reshape(d * width, d * width)
+  b = inv * jnp.einsum("nd,nu->du", feats, g_u).reshape(-1)
+  lam = jnp.asarray(damping, mmat.dtype)
+  if units is not None:
+    keep = jnp.repeat(units.astype(mmat.dtype), width)  # [k U]: feature d is unit d
+    mmat = mmat * keep[:, None] * keep[None, :]
+    b = b * keep
+  x = jnp.linalg.solve(mmat + lam * jnp.eye(d * width, dtype=mmat.dtype), -b)
+  return {site.out_leaves[0].name: x.reshape(omega_shape)}
+
+
+def svd_psi(site: Site, h: Array, psi0: Mapping[str, Array], dc: DenseCurvature,
+            psi_mask: Mapping[str, Array] | None = None, eps: float = 1e-6) -> dict:
+  """GN-metric SVD initialisation of the fan-in (``LearnConfig.psi_init == "svd"``).
+
+  The linear fan-in of one unit is ``pre_n = φ_nᵀ ψ`` (features ``φ`` [n, P] obtained from the
+  site's own ``fan_in(linear=True)`` on the basis of one unit's kernel/bias slices). For the
+  linearised candidate ``δ_n = Wᵀ φ_n`` with rank-k ``W``, the Kronecker-factored GN model
+  ``E[gᵀWᵀφ] + ½ tr(WᵀAWS)`` is minimised by the top-k SVD of ``A^{-1/2} B S^{-1/2}``
+  (``B = E[φ g_uᵀ]``); the fan-in directions are ``A^{-1/2} u_i``, scaled to unit norm.
+  Units are ordered ``+ψ_1, −ψ_1, +ψ_2, −ψ_2, …``: ``relu(x) − relu(−x) = x``, so the exact
+  fan-out solve can turn each pair into one linear unit (and use each half alone when better);
+  each sign is chosen so that ``+ψ_i`` is the better lone unit (the SVD's sign is arbitrary).
+  Non-linear leaves (normalisation) keep ``psi0``; fan-in entries where ``psi_mask`` is 0 stay 0.
+  """
+  mask = _linear_psi_mask(psi0)
+  axes = {l.name: l.axis for l in site.in_leaves}
+  free0 = {n: jax.lax.slice_in_dim(v, 0, 1, axis=axes[n]) for n, v in psi0.items() if mask[n]}
+  fixed1 = {n: jax.lax.slice_in_dim(v, 0, 1, axis=axes[n]) for n, v in psi0.items()
+            if not mask[n]}
+  flat0, unravel = jax.flatten_util.ravel_pytree(free0)
+  dim = flat0.shape[0]
+  basis = jnp.eye(dim, dtype=h.dtype)
+  phi = jax.vmap(lambda e: site.fan_in({**fixed1, **unravel(e)}, h, linear=True))(basis)
+  n = h.shape[0]
+  phi = jnp.moveaxis(phi.reshape(dim, n, -1), 0, -1)  # [n, P, dim]
+  if phi.shape[1] != 1:
+    raise ValueError("psi_init='svd' needs a dense producer (one fan-in position per example).")
+  phi = phi[:, 0, :]
+  if psi_mask is not None:
+    m1 = {n: jax.lax.slice_in_dim(psi_mask[n], 0, 1, axis=axes[n]) for n in free0}
+    phi = phi * jax.flatten_util.ravel_pytree(m1)[0].astype(phi.dtype)[None, :]
+  amat = phi.T @ phi / n
+  bmat = phi.T @ dc.g_u / dc.count  # [dim, U]
+  smat = jnp.mean(dc.gmat, axis=0) * (n / dc.count)
+  # Whitening by Cholesky factors (any W with WᵀAW = I gives the same directions).
+  chol_a = jnp.linalg.cholesky(amat + eps * jnp.max(jnp.diag(amat)) * jnp.eye(dim, dtype=amat.dtype))
+  chol_s = jnp.linalg.cholesky(smat + eps * jnp.max(jnp.diag(smat))
+                               * jnp.eye(smat.shape[0], dtype=smat.dtype))
+  tri = jax.scipy.linalg.solve_triangular
+  whitened = tri(chol_s, tri(chol_a, bmat, lower=True).T, lower=True).T  # L_A⁻¹ B L_S⁻ᵀ
+  uvec, _, _ = jnp.linalg.svd(whitened, full_matrices=False)
+  k = next(iter(psi0.values())).shape[axes[next(iter(psi0))]]
+  dirs = tri(chol_a.T, uvec, lower=False)  # L_A⁻ᵀ u_i: unit pre-activation RMS
+  # The SVD's sign is arbitrary but a lone ReLU unit is not symmetric: orient each direction so
+  # that relu(+ψᵀφ) alone is the better unit under the Kronecker model, ‖E[a g_u]‖²_{S⁻¹} / E[a²].
+  pre = phi @ dirs  # [n, r]
+
+  def unit_gain(a):
+    c = tri(chol_s, (a.T @ dc.g_u / dc.count).T, lower=True)  # L_S⁻¹ E[a g_u]: [U, r]
+    return jnp.sum(jnp.square(c), axis=0) / (jnp.mean(jnp.square(a), axis=0) + 1e-12)
+
+  flip = unit_gain(jax.nn.relu(-pre)) > unit_gain(jax.nn.relu(pre))
+  dirs = dirs * jnp.where(flip, -1.0, 1.0).astype(dirs.dtype)[None, :]
+  # Unit norm, like the model's initialiser (E‖ψ‖² = 1 for lecun-normal): directions of low input
+  # variance would otherwise get huge weights that the damping term ½λ‖Ψ‖² then penalises.
+  dirs = dirs / (jnp.linalg.norm(dirs, axis=0, keepdims=True) + 1e-12)
+  r = dirs.shape[1]
+  cols = [(1.0 if i % 2 == 0 else -1.0) * dirs[:, min(i // 2, r - 1)] for i in range(k)]
+  units = [unravel(c) for c in cols]
+  out = dict(psi0)
+  for name in free0:
+    out[name] = jnp.concatenate([u[name] for u in units], axis=axes[name]).astype(psi0[name].dtype)
+  return out
+
+
+def _unit_norms(tree_: Mapping[str, Array], axes: Mapping[str, int]) -> Array:
+  parts = [jnp.sum(jnp.square(v), axis=tuple(i for i in range(v.ndim) if i != axes[n] % v.ndim))
+           for n, v in tree_.items()]
+  return jnp.sqrt(sum(parts[1:], parts[0]))
+
+
+def balanced(site: Site, psi: Mapping[str, Array], omega: Mapping[str, Array], h: Array) -> dict:
+  """``psi`` with each unit rescaled by ``c = (‖ω_i‖/‖ψ_i‖)^{1/2}`` when the fan-in is positively
+  homogeneous (ReLU: ``a(cψ) = c·a(ψ)``, checked numerically on ``h``).
+
+  With ``ω_i / c`` the candidate's δ is unchanged and ``‖cψ_i‖² + ‖ω_i/c‖²`` is minimal, so the
+  damped model value can only decrease (the caller re-solves ``Ω`` after this).
+  """
+  mask = _linear_psi_mask(psi)
+  free = {n: v for n, v in psi.items() if mask[n]}
+  in_axes = {l.name: l.axis for l in site.in_leaves}
+  out_axes = {l.name: l.axis for l in site.out_leaves}
+  a1 = site.fan_in({**psi, **{n: 2.0 * v for n, v in free.items()}}, h)
+  a0 = site.fan_in(psi, h)
+  homogeneous = (len(free) == len(psi)) & (
+      jnp.max(jnp.abs(a1 - 2.0 * a0)) <= 1e-4 * (jnp.max(jnp.abs(a0)) + 1.0))
+  pn, on = _unit_norms(free, in_axes), _unit_norms(omega, out_axes)
+  ok = homogeneous & (pn > 0) & (on > 0)
+  c = jnp.where(ok, jnp.sqrt(jnp.clip(on / jnp.where(ok, pn, 1.0), 1e-3, 1e3)), 1.0)
+  out = dict(psi)
+  for n, v in free.items():
+    out[n] = v * _unit_broadcast(c.astype(v.dtype), v.ndim, in_axes[n])
+  return out
+
+
+def masked_psi(psi: Mapping[str, Array], psi_mask: Mapping[str, Array] | None) -> dict:
+  """``psi`` with the entries of ``psi_mask == 0`` zeroed (inputs that do not exist: padding)."""
+  if psi_mask is None:
+    return dict(psi)
+  return {k: v * psi_mask[k].astype(v.dtype) if k in psi_mask else v for k, v in psi.items()}
+
+
 # ---- learners ----------------------------------------------------------------------------------
 
 class Learned(NamedTuple):
@@ -231,7 +423,8 @@ class Learned(NamedTuple):
 
 def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0: dict,
              cfg: LearnConfig, damping: Array, delta_base: Array | None = None,
-             units: Array | None = None) -> Learned:
+             units: Array | None = None, psi_mask: Mapping[str, Array] | None = None
+             ) -> Learned:
   """Learns ``(Ψ, Ω)`` on the damped GN model (see module docstring).
 
   Args:
@@ -245,22 +438,44 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
     damping: λ.
     delta_base: ``δ`` of the point the statistics were linearised at (re-linearisation), or None.
     units: optional 0/1 mask [k] of the active units.
+    psi_mask: optional 0/1 arrays shaped like ``psi0``: entries at 0 (fan-in from inputs that
+      are padding, see ``GrowConfig.width_bucket``) are held at zero.
   """
   h, lin = ss.h, ss.lin
   name = site.out_leaves[0].name
   base = 0.0 if delta_base is None else delta_base
+  dense = cfg.fan_out_solver == "dense"
+  dc = dense_curvature(lin, loss, y) if dense else None
+  if cfg.psi_init == "svd":
+    if not dense:
+      raise ValueError("LearnConfig.psi_init='svd' needs fan_out_solver='dense'.")
+    psi0 = svd_psi(site, h, masked_psi(psi0, psi_mask), dc, psi_mask)
+  psi0 = masked_psi(psi0, psi_mask)
+
+  def model_value(d):
+    return dense_model(dc, d) if dense else gn_model(lin, loss, y, d)
 
   def solve_omega(psi, omega_init, iters):
-    a = activations(site, psi, h, units=units)
+    shape = omega_init[name].shape
+    if dense and len(shape) == 2 and site.out_leaves[0].axis == 0:
+      a = activations(site, masked_psi(psi, psi_mask), h)  # units masked in the solve
+      return dense_fan_out(site, dc, a, shape, damping, delta_base, units)
+    a = activations(site, masked_psi(psi, psi_mask), h, units=units)
+    if dense:
+      return dense_fan_out(site, dc, a, shape, damping, delta_base)
     if cfg.fan_out_solver == "kfac":
       return kfac_fan_out(site, ss, y, loss, a, omega_init[name].shape, damping, delta_base)
     return gn_fan_out(site, lin, loss, y, a, omega_init, damping, iters, delta_base)
 
   def objective(psi, omega):
+    psi = masked_psi(psi, psi_mask)
     d = candidate_delta(site, psi, omega, h, units=units) - base
-    return gn_model(lin, loss, y, d) + 0.5 * damping * (psi_norm(site, psi, units) + _sq(omega))
+    return model_value(d) + 0.5 * damping * (psi_norm(site, psi, units) + _sq(omega))
 
   omega = solve_omega(psi0, omega0, cfg.cg_iters)
+  if cfg.psi_init == "svd":
+    psi0 = balanced(site, psi0, omega, h)
+    omega = solve_omega(psi0, omega, cfg.cg_iters)
   opt = optax.adam(cfg.psi_lr)
 
   def body(_, carry):
@@ -282,9 +497,11 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
   else:
     best = init_best
   _, psi, omega = best
-  omega = solve_omega(psi, omega, cfg.cg_iters)
+  psi = masked_psi(psi, psi_mask)
+  if not dense:  # the dense solves are exact: the best Ω is already optimal for its Ψ
+    omega = solve_omega(psi, omega, cfg.cg_iters)
   psi = calibrated(site, psi, h)
-  pred = -gn_model(lin, loss, y, candidate_delta(site, psi, omega, h, units=units) - base)
+  pred = -model_value(candidate_delta(site, psi, omega, h, units=units) - base)
   return Learned(psi, omega, pred, pred)
 
 

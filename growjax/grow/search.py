@@ -55,6 +55,17 @@ class GrowConfig:
     damping_bounds: λ is kept in this range.
     relinearize: extra re-linearisation rounds of the GN solve (LM iterations).
     learn: candidate-learning hyper-parameters.
+    width_bucket: 0 (off) or a bucket size B: statistics, candidate learning and the line search
+      run on the network padded at every site with inert units (zero fan-in, bias and fan-out:
+      the function, its gradient and its GN model are unchanged) up to the next multiple of B,
+      and fan-in from padded inputs is masked to zero. Growth steps that stay inside the same
+      buckets then reuse every compiled function instead of compiling for each new width (the
+      cold cost of growth on small networks). The results equal the unpadded ones up to float
+      rounding. Dense sites only (every site leaf at most 2-D, appended along its unit axis,
+      e.g. ``MLP``); the padded units cost compute, so choose B near the expected final width.
+
+  Fast growth of small MLPs (``benchmarks/vs_gromo.py``): ``width_bucket=32`` with
+  ``learn=LearnConfig(fan_out_solver="dense")``.
   """
   method: str = "gn"
   ks: tuple[int, ...] = (1, 2, 4, 8)
@@ -68,6 +79,7 @@ class GrowConfig:
   damping_bounds: tuple[float, float] = (1e-6, 10.0)
   relinearize: int = 0
   learn: C.LearnConfig = C.LearnConfig()
+  width_bucket: int = 0
 
   def validate(self) -> None:
     methods = C.METHODS + ("net2net",)
@@ -77,9 +89,19 @@ class GrowConfig:
       raise ValueError(f"GrowConfig.ks must be positive unit counts, got {self.ks!r}.")
     if self.rank_by not in ("params", "flops"):
       raise ValueError(f"GrowConfig.rank_by must be 'params' or 'flops', got {self.rank_by!r}.")
-    if self.learn.fan_out_solver not in ("cg", "kfac"):
-      raise ValueError("GrowConfig.learn.fan_out_solver must be 'cg' or 'kfac', got "
-                       f"{self.learn.fan_out_solver!r}.")
+    if self.learn.fan_out_solver not in C.FAN_OUT_SOLVERS:
+      raise ValueError(f"GrowConfig.learn.fan_out_solver must be one of {C.FAN_OUT_SOLVERS}, "
+                       f"got {self.learn.fan_out_solver!r}.")
+    if self.learn.psi_init not in ("random", "tiny", "svd"):
+      raise ValueError("GrowConfig.learn.psi_init must be 'random', 'tiny' or 'svd', got "
+                       f"{self.learn.psi_init!r}.")
+    if self.learn.psi_init == "svd" and self.learn.fan_out_solver != "dense":
+      raise ValueError("GrowConfig.learn.psi_init='svd' needs learn.fan_out_solver='dense'.")
+    if self.width_bucket < 0:
+      raise ValueError(f"GrowConfig.width_bucket must be >= 0 (0: off), got {self.width_bucket}.")
+    if self.width_bucket and self.relinearize:
+      raise ValueError("GrowConfig.width_bucket and relinearize cannot be combined (the "
+                       "re-linearisation runs on the unpadded network); set one of them to 0.")
     if not self.damping > 0:
       raise ValueError(f"GrowConfig.damping must be positive, got {self.damping}.")
 
@@ -111,6 +133,7 @@ class Searcher:
     self.loss = get_loss(loss)
     self.config = config
     self._cache: dict[Any, Any] = {}
+    self._padded_models: dict[Any, nn.Module] = {}
 
   # -- compiled pieces ------------------------------------------------------------------------
 
@@ -135,33 +158,34 @@ class Searcher:
     return fn(variables, x, y, offsets) if offsets is not None else fn(variables, x, y)
 
   def learner(self, model: nn.Module, name: str, method: str):
-    """Jitted ``(variables, site stats, x, y, psi0, omega0, λ, δ_base, units[K, k]) ->
-    Learned`` with a leading K axis: all candidate sizes in one call (vmapped unit masks)."""
+    """Jitted ``(variables, site stats, x, y, psi0, omega0, λ, δ_base, units[K, k], psi_mask)
+    -> Learned`` with a leading K axis: all candidate sizes in one call (vmapped unit masks).
+    ``psi_mask`` (None, or 0/1 like ``psi0``) zeroes fan-in from padded inputs."""
     site = model.growth_sites()[name]
     cfg = self.config.learn
     loss = self.loss
 
     def build():
       if method == "gn":
-        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.learn_gn(
-            site, ss, y, loss, psi0, om0, cfg, lam, base, units)
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units, pm: C.learn_gn(
+            site, ss, y, loss, psi0, om0, cfg, lam, base, units, pm)
       elif method == "tiny":
-        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.learn_tiny(
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units, pm: C.learn_tiny(
             site, ss, y, loss, psi0, om0, cfg, lam, units)
       elif method == "gradmax":
-        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.learn_gradmax(
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units, pm: C.learn_gradmax(
             site, ss, y, loss, psi0, om0, cfg, units)
       elif method in ("firefly", "oracle"):
         steps = cfg.firefly_steps if method == "firefly" else cfg.oracle_steps
         lrs = (cfg.firefly_lr,) if method == "firefly" else tuple(cfg.oracle_lrs)
-        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.learn_real(
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units, pm: C.learn_real(
             model, loss, site, v, ss, x, y, psi0, om0, steps, lrs, units)
       elif method == "random":
-        f = lambda v, ss, x, y, psi0, om0, lam, base, units: C.Learned(
+        f = lambda v, ss, x, y, psi0, om0, lam, base, units, pm: C.Learned(
             C.calibrated(site, psi0, ss.h), om0, jnp.zeros(()), jnp.zeros(()))
       else:
         raise ValueError(f"No learner for method {method!r}.")
-      return jax.jit(jax.vmap(f, in_axes=(None,) * 8 + (0,)))
+      return jax.jit(jax.vmap(f, in_axes=(None,) * 8 + (0, None)))
 
     return self._jit(("learn", model, name, method), build)
 
@@ -190,11 +214,63 @@ class Searcher:
 
     return self._jit(("h", model, name), build)
 
+  # -- width buckets ---------------------------------------------------------------------------
+
+  def padded(self, model: nn.Module, variables) -> tuple[nn.Module, dict]:
+    """The network padded at every site with inert units up to the next multiple of
+    ``config.width_bucket`` (zero fan-in, bias and fan-out: same function, gradient and GN
+    model). The identity when ``width_bucket`` is 0."""
+    bucket = self.config.width_bucket
+    if not bucket:
+      return model, variables
+    flat = tree.flatten(variables)
+    pmodel = self._padded_models.get(model)
+    pads: dict[str, list[int]] = {}
+    for name, site in model.growth_sites().items():
+      target = -(-site.width // bucket) * bucket
+      for leaf in site.leaves:
+        ndim = np.ndim(flat[leaf.path])
+        if site.kind != "units" or ndim > 2 or leaf.add not in ("fresh", "zero"):
+          raise ValueError(
+              f"GrowConfig.width_bucket supports dense sites only (leaves at most 2-D, appended "
+              f"along the unit axis); {type(model).__name__} site {name!r} has leaf "
+              f"{leaf.path!r} ({ndim}-D, add={leaf.add!r}). Set width_bucket=0 for this model.")
+        pads.setdefault(leaf.path, [0] * ndim)[leaf.axis] += target - site.width
+    if pmodel is None:
+      pmodel = model
+      for site in model.growth_sites().values():
+        pmodel = morph.widen_field(pmodel, site.field, -(-site.width // bucket) * bucket)
+      if len(self._padded_models) > 256:
+        self._padded_models.clear()
+      self._padded_models[model] = pmodel
+    new = dict(flat)
+    for path, widths in pads.items():
+      if any(widths):
+        new[path] = jax.device_put(np.pad(np.asarray(flat[path]), [(0, w) for w in widths]))
+    return pmodel, tree.unflatten(new)
+
   # -- candidates ---------------------------------------------------------------------------
 
   def templates(self, model, variables, name: str, k: int, rng) -> tuple[dict, dict]:
-    """Initial fan-in (the model's initialiser) and zero fan-out for ``k`` units."""
+    """Initial fan-in (the model's initialiser) and zero fan-out for ``k`` units.
+
+    ``rng`` None: zero fan-in (for learners that compute their own start, ``psi_init="svd"``;
+    only sites whose fan-in leaves are all kernels/biases), without tracing the grown model.
+    """
     site = model.growth_sites()[name]
+    if rng is None:
+      flat = tree.flatten(variables)
+      shapes = {IN: _slice_shapes(site, variables, k, IN),
+                OUT: _slice_shapes(site, variables, k, OUT)}
+      zeros = {l.path: np.zeros(shapes[l.side][l.name], flat[l.path].dtype) for l in site.leaves}
+      if not all(C._linear_psi_mask({l.name: 0 for l in site.in_leaves}).values()):
+        raise ValueError(f"Site {name!r} has normalisation fan-in leaves; zero templates "
+                         "(psi_init='svd') need kernel/bias fan-in only.")
+      if len(site.out_leaves) != 1:
+        raise ValueError(f"Site {name!r} has {len(site.out_leaves)} fan-out leaves; candidate "
+                         "learning needs exactly one consumer kernel.")
+      return ({l.name: zeros[l.path] for l in site.in_leaves},
+              {l.name: zeros[l.path] for l in site.out_leaves})
     _, _, slices = morph.new_unit_slices(model, variables, name, k, rng)
     psi0 = {l.name: jax.device_put(slices[l.path]) for l in site.in_leaves}
     om0 = {l.name: jax.device_put(np.zeros_like(slices[l.path])) for l in site.out_leaves}
@@ -204,29 +280,50 @@ class Searcher:
     return psi0, om0
 
   def candidates(self, model, variables, stats: Stats, name: str, ks: Sequence[int],
-                 method: str, damping: float, rng, psi0=None, omega0=None) -> list[Candidate]:
+                 method: str, damping: float, rng, psi0=None, omega0=None,
+                 view: tuple[nn.Module, Any] | None = None) -> list[Candidate]:
     """Learns candidates of every size in ``ks`` at site ``name`` with ``method`` on ``stats``.
 
     One compiled call: templates of ``max(ks)`` units and a unit mask per size (masked units
     are decoupled, so this is exactly learning each size alone). Sizes share the initial fan-in
     of their first units. ``psi0`` / ``omega0`` (shaped for ``max(ks)`` units) override the
-    initial fan-in (default: the model's initialiser) and fan-out (default: zero).
+    initial fan-in (default: the model's initialiser) and fan-out (default: zero). ``view``:
+    ``self.padded(model, variables)`` when ``stats`` were collected on the padded network
+    (``GrowConfig.width_bucket``); candidates are returned in the shapes of ``model``.
     """
     site = model.growth_sites()[name]
     ks = [int(k) for k in ks]
     kmax = max(ks)
     t0 = time.perf_counter()
-    tpl_psi, om0 = self.templates(model, variables, name, kmax, rng)
+    own_start = method == "gn" and psi0 is None and self.config.learn.psi_init == "svd"
+    tpl_psi, om0 = self.templates(model, variables, name, kmax, None if own_start else rng)
     if method == "gn" and psi0 is None and self.config.learn.psi_init == "tiny":
-      tiny = self.candidates(model, variables, stats, name, [kmax], "tiny", damping, rng)[0]
+      tiny = self.candidates(model, variables, stats, name, [kmax], "tiny", damping, rng,
+                             view=view)[0]
       psi0 = tiny.psi
     psi0 = tpl_psi if psi0 is None else psi0
     om0 = om0 if omega0 is None else omega0
-    units = jnp.asarray([[1.0] * k + [0.0] * (kmax - k) for k in ks], jnp.float32)
-    learned = self.learner(model, name, method)(
-        variables, stats.sites[name], stats.x, stats.y, psi0, om0,
-        jnp.asarray(damping, jnp.float32), None, units)
+    psi_shapes = {n: np.shape(v) for n, v in psi0.items()}
+    om_shapes = {n: np.shape(v) for n, v in om0.items()}
+    lmodel, lvars, psi_mask = model, variables, None
+    if view is not None:
+      lmodel, lvars = view
+      vsite = lmodel.growth_sites()[name]
+      shapes, oshapes = _slice_shapes(vsite, lvars, kmax, IN), _slice_shapes(vsite, lvars, kmax, OUT)
+      psi_mask = {n: _fit(np.ones(np.shape(v), np.float32), shapes[n]) for n, v in psi0.items()}
+      psi0 = {n: _fit(v, shapes[n]) for n, v in psi0.items()}
+      om0 = {n: _fit(v, oshapes[n]) for n, v in om0.items()}
+    units = np.asarray([[1.0] * k + [0.0] * (kmax - k) for k in ks], np.float32)
+    learned = self.learner(lmodel, name, method)(
+        lvars, stats.sites[name], stats.x, stats.y, psi0, om0,
+        np.asarray(damping, np.float32), None, units, psi_mask)
     learned = jax.device_get(learned)
+    if view is not None:  # back to the shapes of the unpadded network
+      learned = learned._replace(
+          psi={n: np.stack([_fit(v[i], psi_shapes[n]) for i in range(len(ks))])
+               for n, v in learned.psi.items()},
+          omega={n: np.stack([_fit(v[i], om_shapes[n]) for i in range(len(ks))])
+                 for n, v in learned.omega.items()})
     seconds = (time.perf_counter() - t0) / len(ks)
     per_unit = site.params_per_unit(variables)
     flops_unit = site.flops_per_unit(variables)
@@ -244,10 +341,10 @@ class Searcher:
     return out
 
   def candidate(self, model, variables, stats: Stats, name: str, k: int, method: str,
-                damping: float, rng, psi0=None, omega0=None) -> Candidate:
+                damping: float, rng, psi0=None, omega0=None, view=None) -> Candidate:
     """Learns one candidate (``k`` units at site ``name`` with ``method``) on ``stats``."""
     return self.candidates(model, variables, stats, name, [k], method, damping, rng, psi0,
-                           omega0)[0]
+                           omega0, view)[0]
 
   def relinearized(self, model, variables, stats: Stats, cand: Candidate, rounds: int,
                    damping: float) -> Candidate:
@@ -272,11 +369,44 @@ class Searcher:
     return cand._replace(psi=psi, omega=omega, predicted=pred, score=pred,
                          seconds=cand.seconds + time.perf_counter() - t0)
 
-  def real_losses(self, model, variables, cand: Candidate, x, y, gammas, h=None) -> np.ndarray:
+  def real_losses(self, model, variables, cand: Candidate, x, y, gammas, h=None,
+                  view: tuple[nn.Module, Any] | None = None) -> np.ndarray:
+    """Real mean loss on ``(x, y)`` with the candidate applied at each fan-out scale.
+
+    ``view``: evaluate on ``self.padded(model, variables)`` (``h`` then from the padded network).
+    """
+    psi, omega = cand.psi, cand.omega
+    if view is not None:
+      model, variables = view
+      vsite = model.growth_sites()[cand.site]
+      shapes = _slice_shapes(vsite, variables, cand.k, IN)
+      oshapes = _slice_shapes(vsite, variables, cand.k, OUT)
+      psi = {n: _fit(v, shapes[n]) for n, v in psi.items()}
+      omega = {n: _fit(v, oshapes[n]) for n, v in omega.items()}
     if h is None:
       h = self.site_input(model, cand.site)(variables, x)
-    return np.asarray(self.losses_at(model, cand.site)(variables, cand.psi, cand.omega, x, y, h,
-                                                       jnp.asarray(gammas, jnp.float32)))
+    return np.asarray(self.losses_at(model, cand.site)(variables, psi, omega, x, y, h,
+                                                       np.asarray(gammas, np.float32)))
+
+
+def _slice_shapes(site: Site, variables, k: int, side: str) -> dict[str, tuple[int, ...]]:
+  """``{leaf name: shape}`` of ``k`` new units' slices of the ``side`` leaves of ``site``."""
+  flat = tree.flatten(variables)
+  out = {}
+  for leaf in (site.in_leaves if side == IN else site.out_leaves):
+    shape = list(np.shape(flat[leaf.path]))
+    shape[leaf.axis] = k
+    out[leaf.name] = tuple(shape)
+  return out
+
+
+def _fit(x, shape: tuple[int, ...]) -> np.ndarray:
+  """``x`` cut or zero-padded at the end of each axis to ``shape`` (padded ↔ unpadded slices)."""
+  x = np.asarray(x)
+  x = x[tuple(slice(0, s) for s in shape)]
+  if x.shape != tuple(shape):
+    x = np.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
+  return x
 
 
 class RoundResult(NamedTuple):
@@ -310,12 +440,15 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
   if cfg.method in ("random", "net2net"):
     return _structural_round(searcher, model, variables, x, y, names, gen, rng, budget, damping)
 
-  stats = searcher.stats(model, variables, x, y, names)
+  view = searcher.padded(model, variables) if cfg.width_bucket else None
+  stats = searcher.stats(*(view or (model, variables)), x, y, names)
   base_loss = float(stats.loss)
   cands = []
+  own_start = cfg.method == "gn" and cfg.learn.psi_init == "svd"  # no random fan-in needed
   for name in names:
+    site_rng = rng if own_start else jax.random.fold_in(rng, zlib.crc32(name.encode()))
     cands += searcher.candidates(model, variables, stats, name, cfg.ks, cfg.method, damping,
-                                 jax.random.fold_in(rng, zlib.crc32(name.encode())))
+                                 site_rng, view=view)
   all_cands = list(cands)
   ranked = sorted(cands, key=lambda c: -c.rank_value(cfg.rank_by))
   used_sites: set[str] = set()
@@ -328,9 +461,10 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
       continue
     if applied:
       # Gains are not additive: re-solve this candidate on the grown network.
-      stats = searcher.stats(model, variables, x, y, (cand.site,))
+      view = searcher.padded(model, variables) if cfg.width_bucket else None
+      stats = searcher.stats(*(view or (model, variables)), x, y, (cand.site,))
       cand = searcher.candidate(model, variables, stats, cand.site, cand.k, cfg.method,
-                                damping, rng)
+                                damping, rng, view=view)
       base_loss = float(stats.loss)
     if cfg.method == "gn" and cfg.relinearize:
       cand = searcher.relinearized(model, variables, stats, cand, cfg.relinearize, damping)
@@ -346,7 +480,7 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
       continue
     gammas = np.asarray(cfg.gammas, np.float32)
     losses = searcher.real_losses(model, variables, cand, x, y, gammas,
-                                  h=stats.sites[cand.site].h)
+                                  h=stats.sites[cand.site].h, view=view)
     if not np.all(np.isfinite(losses)):
       records.append({"op": "rejected", "site": cand.site, "k": cand.k, "method": cfg.method,
                       "reason": "non-finite loss in the line search", "damping": damping})
