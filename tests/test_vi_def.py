@@ -560,3 +560,66 @@ def test_degree_bucketed_sequential_cavi_is_exact_coordinate_ascent():
       degree_buckets(model, 0)
     with pytest.raises(ValueError, match="buckets for 1 layers"):
       vi.sequential_cavi(buckets=buckets[:1]).step(model, solver.init(model))
+
+
+# ------------------------------------------------------------------------------------------------
+# Repeated inference: a model prepared once, many observation vectors.
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_prepared_solves_equal_unprepared_ones_and_reach_the_exact_means(sparse):
+  from growjax.vi.deep_exponential import degree_buckets  # not re-exported by growjax.vi
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(21)
+    model = random_model(rng, (9, 6, 4), scale=0.5, sparse=sparse)
+    xs = rng.normal(size=(3, 9)) * 2.0
+    solvers = {k: vi.make_solver(k, model) for k in vi.METHODS}
+    if sparse:
+      solvers["sequential_buckets"] = vi.sequential_cavi(unroll=2,
+                                                         buckets=degree_buckets(model, 2))
+    for name, solver in solvers.items():
+      prepared = jax.jit(solver.prepare)(model)  # model-only: x plays no part
+      kw = dict(max_iters=4000, tol=1e-12, criterion="means")
+      plain = jax.jit(lambda m, s=solver: vi.solve(s, m, **kw)[0].means)
+      prep = jax.jit(lambda m, p, s=solver: vi.solve(s, m, prepared=p, **kw)[0].means)
+      batched = jax.jit(jax.vmap(lambda x, p, s=solver: vi.solve(
+          s, model._replace(x=x), prepared=p, **kw)[0].means, in_axes=(0, None)))
+      got_batch = batched(jnp.asarray(xs), prepared)
+      for i, x in enumerate(xs):
+        model_x = model._replace(x=jnp.asarray(x))
+        want = flat(plain(model_x))
+        np.testing.assert_allclose(flat(prep(model_x, prepared)), want, rtol=0, atol=1e-10,
+                                   err_msg=name)
+        np.testing.assert_allclose(flat([b[i] for b in got_batch]), want, rtol=0, atol=1e-10,
+                                   err_msg=name)
+        # Independent oracle: conditioning the joint Gaussian with this x.
+        np.testing.assert_allclose(want, joint_oracle(model_x)[0], atol=1e-9, err_msg=name)
+      # The prepared quantities are the model's: Lam, 1/Lam, the method's divisor.
+      lam = np.diag(posterior_precision(model)[0])
+      np.testing.assert_allclose(flat(prepared.precision), lam, rtol=1e-9)
+      np.testing.assert_allclose(flat(prepared.variances), 1.0 / lam, rtol=1e-9)
+      if name == "fm":
+        np.testing.assert_allclose(flat(prepared.curvature),
+                                   fm_curvature_oracle(model, split(model, 1.0 / lam)),
+                                   rtol=1e-9)
+      # The ELBO a solve tracks equals the ELBO from scratch.
+      state, info = vi.solve(solver, model, max_iters=50, tol=-1.0, prepared=prepared)
+      assert float(info.elbo[50]) == pytest.approx(
+          float(vi.elbo(model, state.means, state.variances)), rel=1e-12)
+      assert float(info.elbo[0]) == pytest.approx(
+          float(vi.elbo(model, [jnp.zeros(n) for n in model.sizes[1:]], state.variances)),
+          rel=1e-12)
+
+
+def test_prepared_from_another_solver_or_with_a_state_is_rejected():
+  with jax.enable_x64(True):
+    model = random_model(np.random.default_rng(22), (6, 4), sparse=True)
+    fm, seq = vi.forest_mixture(), vi.sequential_cavi()
+    with pytest.raises(ValueError, match="built by solver 'sequential'"):
+      vi.solve(fm, model, prepared=seq.prepare(model))
+    with pytest.raises(ValueError, match="built by solver 'fm"):
+      vi.solve(vi.forest_mixture(mixture="abs_w"), model, prepared=fm.prepare(model))
+    with pytest.raises(ValueError, match="both state and prepared"):
+      vi.solve(fm, model, state=fm.init(model), prepared=fm.prepare(model))
+    with pytest.raises(ValueError, match="DEFPrepared"):
+      fm.init(model, prepared=fm.prepare(model).precision)

@@ -45,7 +45,7 @@ form on each iteration; the methods differ in how they move the means:
   with ``g_i`` the exact ELBO gradient in ``m_i`` and ``pi_ci = |W_ci| sqrt(v_i) / sum_k |W_ck|
   sqrt(v_k)`` (``mixture="abs_w_sqrt_v"``: the ``pi`` that minimises the bound's slack in the
   variance terms ``sum_i W_ci^2 v_i / pi_ci``). Since the variances are set to ``1/Lam_ii`` in
-  closed form, ``pi`` and ``P`` are constants of the model and are computed once by ``init``.
+  closed form, ``pi`` and ``P`` are constants of the model, computed once by ``prepare``.
   Written out, ``P_i = Lam_ii + sum_c sum_{j != i} |W_ci W_cj| sqrt(v_j / v_i) / s_c``: a
   diagonal majoriser of the precision built child by child (any ``pi`` keeps ``P >= Lam``, hence
   monotone ascent; this one is a scaled l1-Jacobi bound). For a forest ``pi = 1`` and
@@ -54,10 +54,19 @@ form on each iteration; the methods differ in how they move the means:
 
 All updates are vectorised over a layer; layers are swept bottom-up (``1..L``). Everything is
 jit-able; the caller jits (e.g. ``jax.jit(functools.partial(solve, solver))(model)``).
+
+Repeated inference (one model, many observation vectors ``x``): everything that depends only on
+the weights and variances (``Lam``, ``1/Lam``, ``P``, the ELBO's variance terms, the update
+coefficients with ``1/s`` and the divisor folded in) is a ``DEFPrepared`` built by
+``solver.prepare(model)``; pass it to ``solve(..., prepared=...)`` (a jit argument, or vmap over
+``x``) and each solve does only the ``x``-dependent work. Unprepared solves call ``prepare``
+themselves, so both paths run the same iterations.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -133,39 +142,84 @@ class SparseLayout(NamedTuple):
   child_weights_t: Array
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["precision", "variances", "curvature", "noise_precision",
+                                "elbo_offset", "coefficients"],
+                   meta_fields=["method"])
+@dataclasses.dataclass(frozen=True)
+class DEFPrepared:
+  """Model-only quantities of a solver: everything a solve needs that does not depend on ``x``.
+
+  Built by ``solver.prepare(model)`` (jit-able). For repeated inference (one model, many
+  observation vectors: per-data-point posteriors) prepare once and pass it to every solve
+  (``solve(solver, model._replace(x=x), prepared=prepared)``, or ``jax.vmap`` over ``x``); each
+  solve then does only the ``x``-dependent work. A pytree: pass it as a jit argument.
+
+  Attributes:
+    precision: ``L`` arrays ``[n_l]``: ``Lam_ii``, the diagonal of the posterior precision.
+    variances: ``L`` arrays ``[n_l]``: the optimal mean-field variances ``1 / Lam_ii``.
+    curvature: ``L`` arrays ``[n_l]``: the per-unit divisor of a parallel update (``Lam_ii`` for
+      CAVI-type methods, ``P_i`` for the FM bound).
+    noise_precision: ``L + 1`` arrays ``[n_l]``: ``1 / s^l``.
+    elbo_offset: scalar: the ELBO at the optimal variances minus its fit term, so that
+      ``ELBO = elbo_offset - 1/2 sum_c r_c^2 / s_c`` for every state a step returns.
+    coefficients: ``L`` method-specific entries: the update's coefficients with ``1 / s`` and the
+      divisor folded into the weights (see ``_parallel_coefficients``, ``_sweep_coefficients``).
+    method: static tag of the solver (and its configuration) that built it.
+  """
+  precision: tuple
+  variances: tuple
+  curvature: tuple
+  noise_precision: tuple
+  elbo_offset: Array
+  coefficients: tuple
+  method: str
+
+
 class DEFState(NamedTuple):
-  """Mean-field state of a Gaussian DEF and the quantities every update reuses.
+  """Mean-field state of a Gaussian DEF and the model-only quantities every update reuses.
 
   Attributes:
     means: ``L`` arrays ``[n_l]``, latent layers ``1..L``.
     variances: ``L`` arrays ``[n_l]``.
     residuals: ``L + 1`` arrays ``[n_l]``: ``r_l = E[z^l] - W^l m_{l+1} - b^l``
       (``r_L = m_L - b^L``).
-    precision: ``L`` arrays ``[n_l]``: ``Lam_ii``, the diagonal of the posterior precision.
-    curvature: ``L`` arrays ``[n_l]``: the per-unit divisor of a parallel update (``Lam_ii`` for
-      CAVI-type methods, ``P_i`` for the FM bound).
+    prepared: the solver's ``DEFPrepared`` (model-only; does not change along a solve).
     iteration: number of iterations taken (int scalar).
   """
   means: tuple
   variances: tuple
   residuals: tuple
-  precision: tuple
-  curvature: tuple
+  prepared: DEFPrepared
   iteration: Array
+
+  @property
+  def precision(self) -> tuple:
+    """``L`` arrays ``[n_l]``: ``Lam_ii``, the diagonal of the posterior precision."""
+    return self.prepared.precision
+
+  @property
+  def curvature(self) -> tuple:
+    """``L`` arrays ``[n_l]``: the per-unit divisor of a parallel update."""
+    return self.prepared.curvature
 
 
 class DEFSolver(NamedTuple):
-  """A mean-field method for Gaussian DEFs: pure ``init`` and ``step`` (optax style).
+  """A mean-field method for Gaussian DEFs: pure ``prepare``, ``init`` and ``step`` (optax style).
 
   Attributes:
-    init: ``init(model, means=None, variances=None) -> DEFState``; means default to 0 and
-      variances to the conditional variances ``s^l``.
+    init: ``init(model, means=None, variances=None, prepared=None) -> DEFState``; means default
+      to 0 and variances to their optimum ``1 / Lam_ii`` (what every step sets them to);
+      ``prepared`` defaults to ``prepare(model)``.
     step: ``step(model, state) -> DEFState``: one iteration (a sweep over every latent unit).
     name: the method's name (one of ``METHODS``).
+    prepare: ``prepare(model) -> DEFPrepared``: the model-only quantities (independent of
+      ``x``); compute once per model for repeated inference.
   """
   init: Callable[..., DEFState]
   step: Callable[[GaussianDEF, DEFState], DEFState]
   name: str
+  prepare: Callable[[GaussianDEF], DEFPrepared]
 
 
 class SolveInfo(NamedTuple):
@@ -800,10 +854,57 @@ def forest_likeness(model: GaussianDEF, mixture: str = "abs_w_sqrt_v") -> Array:
 # Solvers.
 
 
-def _make_init(curvature_fn: Callable[[GaussianDEF, tuple], tuple]):
+def _elbo_offset(model: GaussianDEF, noise_precision, precision, variances) -> Array:
+  """The ELBO minus its fit term at the given variances (``_elbo_terms`` without the fit)."""
+  spread = sum(jnp.sum(p * v) for p, v in zip(precision, variances))
+  entropy = sum(jnp.sum(jnp.log(v)) for v in variances)
+  n_latent = sum(model.sizes[1:])
+  log_norm = -sum(jnp.sum(jnp.log(q)) for q in noise_precision)
+  log2pi = float(np.log(2 * np.pi))
+  const = -0.5 * sum(model.sizes) * log2pi + 0.5 * n_latent * (log2pi + 1.0)
+  return const - 0.5 * (spread + log_norm) + 0.5 * entropy
+
+
+def _fit_elbo(prepared: DEFPrepared, res) -> Array:
+  """ELBO of a state at the optimal variances: ``elbo_offset - 1/2 sum r^2 / s`` (O(units))."""
+  fit = sum(jnp.sum(jnp.square(r) * q) for r, q in zip(res, prepared.noise_precision))
+  return prepared.elbo_offset - 0.5 * fit
+
+
+def _make_prepare(tag: str, curvature_fn: Callable[[GaussianDEF, tuple], tuple],
+                  coefficient_fn: Callable[..., tuple]):
+  """``prepare(model) -> DEFPrepared`` for a method: curvature and update coefficients."""
+  def prepare(model: GaussianDEF) -> DEFPrepared:
+    noise_precision = tuple(1.0 / s for s in model.variances)
+    precision = precision_diag(model)
+    variances = tuple(1.0 / p for p in precision)
+    curvature = curvature_fn(model, precision)
+    return DEFPrepared(
+        precision=precision, variances=variances, curvature=curvature,
+        noise_precision=noise_precision,
+        elbo_offset=_elbo_offset(model, noise_precision, precision, variances),
+        coefficients=coefficient_fn(model, noise_precision, precision, curvature),
+        method=tag)
+  return prepare
+
+
+def _check_prepared(prepared: DEFPrepared, tag: str) -> None:
+  if not isinstance(prepared, DEFPrepared):
+    raise ValueError(f"prepared must be a DEFPrepared from solver.prepare(model), got "
+                     f"{type(prepared).__name__}.")
+  if prepared.method != tag:
+    raise ValueError(f"prepared was built by solver {prepared.method!r} but is used with "
+                     f"{tag!r}; build it with this solver's prepare(model).")
+
+
+def _make_init(tag: str, prepare: Callable[[GaussianDEF], DEFPrepared]):
   def init(model: GaussianDEF, means: Sequence[Array] | None = None,
-           variances: Sequence[Array] | None = None) -> DEFState:
+           variances: Sequence[Array] | None = None,
+           prepared: DEFPrepared | None = None) -> DEFState:
     dtype = model.x.dtype
+    if prepared is None:
+      prepared = prepare(model)
+    _check_prepared(prepared, tag)
     if means is None:
       means = tuple(jnp.zeros((n,), dtype) for n in model.sizes[1:])
       # All means zero: r_0 = x - b_0 and r_l = -b_l, no matvec needed.
@@ -812,49 +913,114 @@ def _make_init(curvature_fn: Callable[[GaussianDEF, tuple], tuple]):
       means = tuple(jnp.asarray(m, dtype) for m in means)
       res = residuals(model, means)
     if variances is None:
-      variances = tuple(model.variances[1:])
-    variances = tuple(jnp.asarray(v, dtype) for v in variances)
-    precision = precision_diag(model)
-    return DEFState(means=means, variances=variances, residuals=res,
-                    precision=precision, curvature=curvature_fn(model, precision),
+      variances = prepared.variances  # the optimum 1/Lam: every step sets them to it anyway
+    else:
+      variances = tuple(jnp.asarray(v, dtype) for v in variances)
+    return DEFState(means=means, variances=variances, residuals=res, prepared=prepared,
                     iteration=jnp.zeros((), jnp.int32))
   return init
 
 
-def _exact_variances(state: DEFState) -> tuple:
-  return tuple(1.0 / p for p in state.precision)
+def _make_solver(name: str, tag: str, curvature_fn, coefficient_fn, step) -> DEFSolver:
+  prepare = _make_prepare(tag, curvature_fn, coefficient_fn)
+
+  def checked_step(model: GaussianDEF, state: DEFState) -> DEFState:
+    _check_prepared(state.prepared, tag)
+    return step(model, state)
+
+  return DEFSolver(init=_make_init(tag, prepare), step=checked_step, name=name, prepare=prepare)
+
+
+def _lam_curvature(model: GaussianDEF, precision: tuple) -> tuple:
+  return precision
+
+
+def _parallel_coefficients(model: GaussianDEF, noise_precision, precision, curvature) -> tuple:
+  """Per latent layer ``l``: ``W^T diag(1/s_{l-1})`` in the form its ``W^T r`` product reads.
+
+  Dense ``[n_l, n_{l-1}]``; sparse gathered over the parent -> child slots ``[D, n_l]``
+  (``child_weights_t / s_child``); sparse scattered over the child -> parent slots
+  ``[K, n_{l-1}]`` (``weights_t / s_child``). The divisor stays a division in the step: folded
+  into these weights, XLA:CPU fuses the whole gather sum into every consumer of the update
+  (measured 2x slower iteration).
+  """
+  out = []
+  for l in range(1, model.num_layers + 1):
+    lay, pc = model.layout[l - 1], noise_precision[l - 1]
+    if lay is None:
+      out.append(model.weights[l - 1].T * pc[None, :])
+    elif _gather_transposed(lay):
+      out.append(lay.child_weights_t * _take(pc, lay.children_t))
+    else:
+      out.append(lay.weights_t * pc[None, :])
+  return tuple(out)
+
+
+def _scaled_rmatvec(model: GaussianDEF, l: int, transposed: Array, r: Array) -> Array:
+  """``(W^l)^T diag(1/s_l) r`` from ``_parallel_coefficients``."""
+  lay = model.layout[l]
+  if lay is None:
+    return transposed @ r
+  if _gather_transposed(lay):
+    return _gather_sum(transposed, lay.children_t, r)
+  return _scatter_sum(transposed * r[None, :], lay.parents_t, model.sizes[l + 1])
 
 
 def _parallel_step(model: GaussianDEF, state: DEFState) -> DEFState:
   """One layer-parallel sweep: ``m_l += g_l / curvature_l`` for ``l = 1..L`` (Jacobi or FM)."""
-  prec = [1.0 / s for s in model.variances]
+  prep = state.prepared
   means = list(state.means)
   res = list(state.residuals)
   for l in range(1, model.num_layers + 1):
-    g = -res[l] * prec[l] + _rmatvec(model, l - 1, res[l - 1] * prec[l - 1])
+    g = (-res[l] * prep.noise_precision[l]
+         + _scaled_rmatvec(model, l - 1, prep.coefficients[l - 1], res[l - 1]))
     # A division, not a product with the (loop-invariant) reciprocal: with a product XLA:CPU
-    # duplicates the gather fusion into delta's consumers (measured 1.5x slower iteration).
-    delta = g / state.curvature[l - 1]
+    # duplicates the gather fusion into delta's consumers (measured 1.5-2x slower iteration).
+    delta = g / prep.curvature[l - 1]
     means[l - 1] = means[l - 1] + delta
     res[l] = res[l] + delta  # r_l = m_l - (W m_{l+1} + b): only m_l moved.
     below = model.x if l == 1 else means[l - 2]
     # Recomputed rather than updated by -W delta: same cost, no drift over many iterations.
     res[l - 1] = below - _matvec(model, l - 1, means[l - 1]) - model.biases[l - 1]
-  return DEFState(tuple(means), _exact_variances(state), tuple(res), state.precision,
-                  state.curvature, state.iteration + 1)
+  return DEFState(tuple(means), prep.variances, tuple(res), prep, state.iteration + 1)
 
 
-def _children_rows(model: GaussianDEF, l: int, prec_below: Array):
-  """Per parent of weight layer ``l``: (child indices or None, weights, weights / s_child).
+def _children_rows(model: GaussianDEF, l: int):
+  """Per parent of weight layer ``l``: child indices (None when dense) and weights.
 
   Unit-major ``[n_{l+1}, D]`` rows, for the loops that visit one unit (or block) at a time.
   """
   lay = model.layout[l]
   if lay is None:
-    wt = model.weights[l].T  # [n_{l+1}, n_l]: each parent's column of weights
-    return None, wt, wt * prec_below[None, :]
-  ch, cw = lay.children, lay.child_weights
-  return ch, cw, cw * prec_below[ch]
+    return None, model.weights[l].T  # [n_{l+1}, n_l]: each parent's column of weights
+  return lay.children, lay.child_weights
+
+
+class _SweepLayer(NamedTuple):
+  """Coefficients of unit-at-a-time CAVI on one latent layer (model-only).
+
+  Unit ``i``'s update is ``delta_i = -r_i own_i + sum_c rows_ic r_c`` (``r_c`` its children's
+  residuals) with ``own = 1 / (s Lam)`` and ``rows_ic = W_ci / (s_c Lam_ii)``.
+
+  Attributes:
+    own: ``[n_l]`` (sequential) or ``[num_blocks, block_size]`` (block CAVI, 0 on padding).
+    rows: ``[n_l, D]`` (dense ``[n_l, n_{l-1}]``); a tuple of ``[n_b, D_b]`` per degree bucket;
+      or ``[num_blocks, block_size, D]`` (block CAVI, 0 on padding).
+    children, child_weights: block CAVI only: the blocks' children rows (else None).
+  """
+  own: Array
+  rows: Any
+  children: Any = None
+  child_weights: Any = None
+
+
+def _unit_rows(model: GaussianDEF, l: int, noise_precision, precision):
+  """``own [n_l]`` and ``rows [n_l, D]`` of ``_SweepLayer`` for latent layer ``l``."""
+  ch, cw = _children_rows(model, l - 1)
+  pc, lam = noise_precision[l - 1], precision[l - 1]
+  own = noise_precision[l] / lam
+  scale = pc[None, :] if ch is None else _take(pc, ch)
+  return own, cw * scale / lam[:, None]
 
 
 def degree_buckets(model: GaussianDEF, num_buckets: int) -> tuple:
@@ -893,8 +1059,9 @@ def sequential_cavi(*, unroll: int = 8, buckets: Sequence[Any] | None = None) ->
 
   One ``lax.scan`` per layer over its units, carrying only the children's residual vector (the
   unit's own residual cannot change before its turn), so each step is a gather of the unit's
-  children, a dot product and a scatter. ``unroll`` unrolls the scan body (measurably faster on
-  CPU, where per-iteration loop overhead dominates this tiny body).
+  children, a dot product with prepared coefficients (``W / (s_child Lam)``) and a scatter.
+  ``unroll`` unrolls the scan body (measurably faster on CPU, where per-iteration loop overhead
+  dominates this tiny body).
 
   Args:
     unroll: scan unroll factor.
@@ -902,54 +1069,74 @@ def sequential_cavi(*, unroll: int = 8, buckets: Sequence[Any] | None = None) ->
       order, one scan per bucket padded to the bucket's own degree (fewer padding slots read
       when degrees vary; the order of the updates changes, not what a sweep is).
   """
-  def sweep(r_below, own, inv_lam, ch, cw, cws):
-    if ch is None:
-      def body(r_below, xs):
-        a, il, w, ws = xs
-        delta = (a + jnp.dot(ws, r_below)) * il
-        return r_below - w * delta, delta
-      xs = (own, inv_lam, cw, cws)
-    else:
-      def body(r_below, xs):
-        a, il, c, w, ws = xs
-        delta = (a + jnp.dot(ws, _take(r_below, c))) * il
-        return _add_at(r_below, c, -w * delta), delta
-      xs = (own, inv_lam, ch, cw, cws)
-    return jax.lax.scan(body, r_below, xs, unroll=unroll)
+  tag = "sequential" if buckets is None else f"sequential(buckets={len(buckets[0] or ())})"
 
-  def step(model: GaussianDEF, state: DEFState) -> DEFState:
+  def check_buckets(model):
     if buckets is not None and len(buckets) != model.num_layers:
       raise ValueError(f"sequential_cavi got buckets for {len(buckets)} layers but the model "
                        f"has {model.num_layers}; build them with degree_buckets(model, b).")
-    prec = [1.0 / s for s in model.variances]
-    means = list(state.means)
-    res = list(state.residuals)
+
+  def coefficients(model, noise_precision, precision, curvature):
+    check_buckets(model)
+    out = []
     for l in range(1, model.num_layers + 1):
-      own = -res[l] * prec[l]
-      inv_lam = 1.0 / state.precision[l - 1]
+      own, rows = _unit_rows(model, l, noise_precision, precision)
       groups = None if buckets is None else buckets[l - 1]
-      if groups is None:
-        ch, cw, cws = _children_rows(model, l - 1, prec[l - 1])
-        r_below, deltas = sweep(res[l - 1], own, inv_lam, ch, cw, cws)
-        means[l - 1] = means[l - 1] + deltas
-        res[l] = res[l] + deltas
-      else:
-        r_below = res[l - 1]
+      if groups is not None:
+        pc, lam = noise_precision[l - 1], precision[l - 1]
+        rows = []
         for units, ch, cw in groups:
           if units.size and units.max() >= model.sizes[l]:
             raise ValueError(f"buckets[{l - 1}] holds unit {units.max()} but layer {l} has "
                              f"{model.sizes[l]} units; build them with degree_buckets(model).")
-          ch, cw = jnp.asarray(ch), jnp.asarray(cw, r_below.dtype)
-          cws = cw * _take(prec[l - 1], ch)
-          r_below, deltas = sweep(r_below, own[units], inv_lam[units], ch, cw, cws)
-          means[l - 1] = _add_at(means[l - 1], jnp.asarray(units), deltas)
-          res[l] = _add_at(res[l], jnp.asarray(units), deltas)
-      res[l - 1] = r_below
-    return DEFState(tuple(means), _exact_variances(state), tuple(res), state.precision,
-                    state.curvature, state.iteration + 1)
+          cw = jnp.asarray(cw, pc.dtype)
+          rows.append(cw * _take(pc, jnp.asarray(ch)) / lam[jnp.asarray(units)][:, None])
+        rows = tuple(rows)
+      out.append(_SweepLayer(own=own, rows=rows))
+    return tuple(out)
 
-  return DEFSolver(init=_make_init(lambda model, precision: precision), step=step,
-                   name="sequential")
+  def sweep(r_below, own, ch, cw, rows):
+    if ch is None:
+      def body(r_below, xs):
+        a, w, ws = xs
+        delta = a + jnp.dot(ws, r_below)
+        return r_below - w * delta, delta
+      xs = (own, cw, rows)
+    else:
+      def body(r_below, xs):
+        a, c, w, ws = xs
+        delta = a + jnp.dot(ws, _take(r_below, c))
+        return _add_at(r_below, c, -w * delta), delta
+      xs = (own, ch, cw, rows)
+    return jax.lax.scan(body, r_below, xs, unroll=unroll)
+
+  def step(model: GaussianDEF, state: DEFState) -> DEFState:
+    check_buckets(model)
+    coefs = state.prepared.coefficients
+    means = list(state.means)
+    res = list(state.residuals)
+    for l in range(1, model.num_layers + 1):
+      coef = coefs[l - 1]
+      own = -res[l] * coef.own
+      groups = None if buckets is None else buckets[l - 1]
+      if groups is None:
+        ch, cw = _children_rows(model, l - 1)
+        r_below, deltas = sweep(res[l - 1], own, ch, cw, coef.rows)
+        means[l - 1] = means[l - 1] + deltas
+        res[l] = res[l] + deltas
+      else:
+        r_below = res[l - 1]
+        for (units, ch, cw), rows in zip(groups, coef.rows):
+          units = jnp.asarray(units)
+          r_below, deltas = sweep(r_below, own[units], jnp.asarray(ch),
+                                  jnp.asarray(cw, r_below.dtype), rows)
+          means[l - 1] = _add_at(means[l - 1], units, deltas)
+          res[l] = _add_at(res[l], units, deltas)
+      res[l - 1] = r_below
+    return DEFState(tuple(means), state.prepared.variances, tuple(res), state.prepared,
+                    state.iteration + 1)
+
+  return _make_solver("sequential", tag, _lam_curvature, coefficients, step)
 
 
 def parallel_cavi() -> DEFSolver:
@@ -957,8 +1144,8 @@ def parallel_cavi() -> DEFSolver:
 
   Can diverge (see the module docstring); ``solve`` reports it through ``SolveInfo.diverged``.
   """
-  return DEFSolver(init=_make_init(lambda model, precision: precision), step=_parallel_step,
-                   name="parallel")
+  return _make_solver("parallel", "parallel", _lam_curvature, _parallel_coefficients,
+                      _parallel_step)
 
 
 def forest_mixture(*, mixture: str = "abs_w_sqrt_v") -> DEFSolver:
@@ -973,7 +1160,8 @@ def forest_mixture(*, mixture: str = "abs_w_sqrt_v") -> DEFSolver:
   def curvature(model, precision):
     return fm_curvature(model, tuple(1.0 / p for p in precision), mixture)
 
-  return DEFSolver(init=_make_init(curvature), step=_parallel_step, name="fm")
+  return _make_solver("fm", f"fm(mixture={mixture})", curvature, _parallel_coefficients,
+                      _parallel_step)
 
 
 def color_blocks(model: GaussianDEF) -> tuple:
@@ -1021,44 +1209,60 @@ def block_cavi(blocks: Sequence[Any]) -> DEFSolver:
       raise ValueError(f"blocks[{l}] must be [num_blocks, block_size] (padded with -1), got "
                        f"shape {b.shape}.")
 
-  def step(model: GaussianDEF, state: DEFState) -> DEFState:
+  def check_blocks(model):
     if len(blocks) != model.num_layers:
       raise ValueError(f"block_cavi got blocks for {len(blocks)} layers but the model has "
                        f"{model.num_layers}; build them with color_blocks(model).")
-    prec = [1.0 / s for s in model.variances]
-    means = list(state.means)
-    res = list(state.residuals)
     for l in range(1, model.num_layers + 1):
       b = blocks[l - 1]
       if b.size and b.max() >= model.sizes[l]:
         raise ValueError(f"blocks[{l - 1}] holds unit {b.max()} but layer {l} has "
                          f"{model.sizes[l]} units.")
+
+  def coefficients(model, noise_precision, precision, curvature):
+    check_blocks(model)
+    out = []
+    for l in range(1, model.num_layers + 1):
+      b = blocks[l - 1]
       idx = jnp.asarray(np.maximum(b, 0))
-      mask = jnp.asarray(b >= 0, res[l].dtype)
-      ch, cw, cws = _children_rows(model, l - 1, prec[l - 1])
-      own = (-res[l] * prec[l])[idx]
-      inv_lam = (1.0 / state.precision[l - 1])[idx] * mask  # padding moves by 0
-      if ch is None:
+      mask = jnp.asarray(b >= 0, precision[l - 1].dtype)  # padding moves by 0
+      own, rows = _unit_rows(model, l, noise_precision, precision)
+      ch, cw = _children_rows(model, l - 1)
+      out.append(_SweepLayer(own=own[idx] * mask, rows=rows[idx] * mask[..., None],
+                             children=None if ch is None else ch[idx], child_weights=cw[idx]))
+    return tuple(out)
+
+  def step(model: GaussianDEF, state: DEFState) -> DEFState:
+    check_blocks(model)
+    coefs = state.prepared.coefficients
+    means = list(state.means)
+    res = list(state.residuals)
+    for l in range(1, model.num_layers + 1):
+      coef = coefs[l - 1]
+      idx = jnp.asarray(np.maximum(blocks[l - 1], 0))
+      own = (-res[l])[idx] * coef.own
+      if coef.children is None:
         def body(r_below, xs):
-          a, il, w, ws = xs
-          delta = (a + ws @ r_below) * il
+          a, w, ws = xs
+          delta = a + ws @ r_below
           return r_below - delta @ w, delta
-        xs = (own, inv_lam, cw[idx], cws[idx])
+        xs = (own, coef.child_weights, coef.rows)
       else:
         def body(r_below, xs):
-          a, il, c, w, ws = xs
-          delta = (a + jnp.sum(ws * _take(r_below, c), axis=1)) * il
+          a, c, w, ws = xs
+          delta = a + jnp.sum(ws * _take(r_below, c), axis=1)
           return _add_at(r_below, c, -w * delta[:, None]), delta
-        xs = (own, inv_lam, ch[idx], cw[idx], cws[idx])
+        xs = (own, coef.children, coef.child_weights, coef.rows)
       r_below, deltas = jax.lax.scan(body, res[l - 1], xs)
       flat_idx, flat_delta = idx.reshape(-1), deltas.reshape(-1)
       means[l - 1] = means[l - 1].at[flat_idx].add(flat_delta)
       res[l] = res[l].at[flat_idx].add(flat_delta)
       res[l - 1] = r_below
-    return DEFState(tuple(means), _exact_variances(state), tuple(res), state.precision,
-                    state.curvature, state.iteration + 1)
+    return DEFState(tuple(means), state.prepared.variances, tuple(res), state.prepared,
+                    state.iteration + 1)
 
-  return DEFSolver(init=_make_init(lambda model, precision: precision), step=step, name="block")
+  tag = "block(" + ",".join(f"{b.shape[0]}x{b.shape[1]}" for b in blocks) + ")"
+  return _make_solver("block", tag, _lam_curvature, coefficients, step)
 
 
 def make_solver(method: str, model: GaussianDEF | None = None, **kwargs) -> DEFSolver:
@@ -1089,8 +1293,8 @@ def make_solver(method: str, model: GaussianDEF | None = None, **kwargs) -> DEFS
 
 def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: float = 1e-6,
           criterion: str = "elbo", state: DEFState | None = None,
-          divergence_rtol: float | None = None,
-          limit: int | Array | None = None) -> tuple[DEFState, SolveInfo]:
+          divergence_rtol: float | None = None, limit: int | Array | None = None,
+          prepared: DEFPrepared | None = None) -> tuple[DEFState, SolveInfo]:
   """Iterates ``solver.step`` in a ``lax.while_loop`` until a stopping rule or divergence.
 
   Stopping rules the solver computes itself: ``"elbo"``: ``|ELBO_t - ELBO_{t-1}| <= tol |ELBO_t|``;
@@ -1108,6 +1312,10 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
     divergence_rtol: relative ELBO drop treated as divergence.
     limit: optional iteration budget ``<= max_iters`` that may be a traced value, so one
       compiled solve serves several budgets (``tol`` may be traced too; ``tol < 0`` never stops).
+    prepared: optional ``solver.prepare(model)`` (model-only quantities, computed once per
+      model): the solve then does only the ``x``-dependent work. Repeated inference with one
+      model: ``solve(solver, model._replace(x=x), prepared=prepared)`` per ``x`` (or
+      ``jax.vmap`` over ``x``); the result equals the unprepared solve's up to rounding.
 
   Returns:
     ``(final_state, SolveInfo)``.
@@ -1117,11 +1325,16 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
   if max_iters < 1:
     raise ValueError(f"max_iters must be >= 1, got {max_iters}.")
   if state is None:
-    state = solver.init(model)
+    state = solver.init(model, prepared=prepared)
+  elif prepared is not None:
+    raise ValueError("solve got both state and prepared; pass prepared to solver.init(model, "
+                     "means, prepared=prepared) and the state to solve.")
   dtype = model.x.dtype
   if divergence_rtol is None:
     divergence_rtol = 1000.0 * float(jnp.finfo(dtype).eps)
-  e0 = state_elbo(model, state)
+  # A state whose variances are the prepared optimum (the default init): the fit term suffices.
+  e0 = (_fit_elbo(state.prepared, state.residuals) if state.variances is state.prepared.variances
+        else state_elbo(model, state))
   trace = jnp.full((max_iters + 1,), jnp.nan, dtype).at[0].set(e0)
 
   budget = max_iters if limit is None else jnp.minimum(limit, max_iters)
@@ -1133,7 +1346,8 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
   def body(carry):
     st, e_prev, tr, it, _, _ = carry
     new = solver.step(model, st)
-    e = state_elbo(model, new)
+    # A step leaves the variances at their optimum 1/Lam: only the fit term depends on the means.
+    e = _fit_elbo(new.prepared, new.residuals)
     tr = tr.at[it + 1].set(e)
     if criterion == "elbo":
       done = jnp.abs(e - e_prev) <= tol * jnp.abs(e)
