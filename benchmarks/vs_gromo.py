@@ -6,10 +6,14 @@ training samples. Both frameworks start from the same weights (growjax's seed in
 copied into GroMo's ``GrowingMLP``), see the same statistics batches and train between rounds with
 the same Adam steps on the same minibatches (fresh Adam state after every growth in both).
 
-* growjax: ``growjax.grow.grow_round`` with ``GrowConfig(method="gn", ks=(1, 2, 4))`` — the
-  Gauss-Newton-learned morphisms of Lawton, Galstyan & Ver Steeg (2024, arXiv:2411.05855),
-  otherwise the library defaults (including its 7-point line search on the fan-out scale) — and,
-  as a like-for-like check, its TINY-style method (``method="tiny"``).
+* growjax: ``growjax.grow.grow_round`` with ``method="gn"``, ``ks=(1, 2, 4)`` — the
+  Gauss-Newton-learned morphisms of Lawton, Galstyan & Ver Steeg (2024, arXiv:2411.05855) — in
+  two configurations: ``gn``, the fast mode for small dense networks (``grow_config``: exact GN
+  fan-out by a dense solve on per-example u-space curvature, fan-in from the GN-metric SVD with
+  ``--psi_steps`` Adam refinements, network padded to ``--width_bucket`` so that compiled
+  functions survive growth), and ``gn_default``, the library defaults (CG fan-out, 20 Adam
+  fan-in steps); both with the library's 7-point line search on the fan-out scale. As a
+  like-for-like check, growjax's TINY-style method (``tiny``).
 * GroMo: TINY (Verbockhaven, Rudkiewicz, Chevallier & Charpiat 2024, arXiv:2405.19816), GroMo's
   own implementation: ``init_computation`` → forward/backward on the statistics batch →
   ``update_computation`` → ``compute_optimal_updates(maximum_added_neurons=4, <TINY preset>)``
@@ -427,8 +431,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--reps", type=int, default=3, help="repetitions (growjax: 1 cold + warm)")
   parser.add_argument("--methods", default="gn,gn_default,tiny",
                       help="growjax variants (gn: fast GN mode; gn_default: library defaults)")
-  parser.add_argument("--width_bucket", type=int, default=32, help="gn: GrowConfig.width_bucket")
-  parser.add_argument("--psi_steps", type=int, default=5, help="gn: Adam steps on the fan-in")
+  parser.add_argument("--width_bucket", type=int, default=16, help="gn: GrowConfig.width_bucket")
+  parser.add_argument("--psi_steps", type=int, default=0, help="gn: Adam steps on the fan-in")
   parser.add_argument("--psi_lr", type=float, default=0.1, help="gn: their learning rate")
   parser.add_argument("--gromo_methods", default="tiny,tiny+delta")
   parser.add_argument("--no_gromo", action="store_true")

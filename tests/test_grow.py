@@ -129,7 +129,7 @@ def test_learned_gn_value_is_no_larger_than_every_baseline(digits_mlp):
       assert gn < 0  # it actually predicts a decrease
 
 
-@pytest.mark.parametrize("steps", [3])
+@pytest.mark.parametrize("steps", [0, 3])
 def test_fast_mode_gn_value_is_no_larger_than_every_baseline(digits_mlp, steps):
   """The fast mode (dense exact fan-out, GN-metric SVD fan-in, few or no Adam steps) still
   attains a damped GN-model value no larger than every baseline's on the same statistics."""
