@@ -1343,11 +1343,15 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
     _, _, _, it, done, bad = carry
     return (it < budget) & ~done & ~bad
 
+  # The prepared quantities are loop constants, closed over rather than carried: under vmap a
+  # batched stopping rule batches every carried array (JAX's while_loop batching rule).
+  prepared = state.prepared
+
   def body(carry):
     st, e_prev, tr, it, _, _ = carry
-    new = solver.step(model, st)
+    new = solver.step(model, st._replace(prepared=prepared))._replace(prepared=None)
     # A step leaves the variances at their optimum 1/Lam: only the fit term depends on the means.
-    e = _fit_elbo(new.prepared, new.residuals)
+    e = _fit_elbo(prepared, new.residuals)
     tr = tr.at[it + 1].set(e)
     if criterion == "elbo":
       done = jnp.abs(e - e_prev) <= tol * jnp.abs(e)
@@ -1358,6 +1362,8 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
     bad = ~jnp.isfinite(e) | (e < e_prev - divergence_rtol * jnp.abs(e_prev))
     return new, e, tr, it + 1, done & ~bad, bad
 
-  carry = (state, e0, trace, jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), bool))
+  carry = (state._replace(prepared=None), e0, trace, jnp.zeros((), jnp.int32),
+           jnp.zeros((), bool), jnp.zeros((), bool))
   state, _, trace, it, done, bad = jax.lax.while_loop(cond, body, carry)
+  state = state._replace(prepared=prepared)
   return state, SolveInfo(elbo=trace, iterations=it, converged=done, diverged=bad)
