@@ -11,9 +11,10 @@ the same Adam steps on the same minibatches (fresh Adam state after every growth
   two configurations: ``gn``, the fast mode for small dense networks (``grow_config``: exact GN
   fan-out by a dense solve on per-example u-space curvature, fan-in from the GN-metric SVD with
   ``--psi_steps`` Adam refinements, network padded to ``--width_bucket`` so that compiled
-  functions survive growth), and ``gn_default``, the library defaults (CG fan-out, 20 Adam
-  fan-in steps); both with the library's 7-point line search on the fan-out scale. As a
-  like-for-like check, growjax's TINY-style method (``tiny``).
+  functions survive growth, statistics and both sites' learners in one compiled call), and
+  ``gn_default``, the library defaults (CG fan-out, 20 Adam fan-in steps); both with the
+  library's 7-point line search on the fan-out scale. As a like-for-like check, growjax's
+  TINY-style method (``tiny``).
 * GroMo: TINY (Verbockhaven, Rudkiewicz, Chevallier & Charpiat 2024, arXiv:2405.19816), GroMo's
   own implementation: ``init_computation`` → forward/backward on the statistics batch →
   ``update_computation`` → ``compute_optimal_updates(maximum_added_neurons=4, <TINY preset>)``
@@ -138,6 +139,9 @@ class TimedSearcher(grow.Searcher):
 
   def real_losses(self, *args, **kwargs):
     return self._timed("line_search", super().real_losses, *args, **kwargs)
+
+  def fused_candidates(self, *args, **kwargs):  # statistics included (one compiled call)
+    return self._timed("solve", super().fused_candidates, *args, **kwargs)
 
 
 def growjax_run(method: str, searcher: TimedSearcher, trainer, splits, init_vars, args) -> dict:
@@ -434,6 +438,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--width_bucket", type=int, default=16, help="gn: GrowConfig.width_bucket")
   parser.add_argument("--psi_steps", type=int, default=0, help="gn: Adam steps on the fan-in")
   parser.add_argument("--psi_lr", type=float, default=0.1, help="gn: their learning rate")
+  parser.add_argument("--fused", type=int, default=1,
+                      help="gn: GrowConfig.fused (statistics + learners in one call; its time "
+                           "is reported as solve, stats 0)")
   parser.add_argument("--gromo_methods", default="tiny,tiny+delta")
   parser.add_argument("--no_gromo", action="store_true")
   parser.add_argument("--cache_probe", type=int, default=1, help="run the cache probe (0/1)")
@@ -527,7 +534,8 @@ def grow_config(method: str, args) -> grow.GrowConfig:
   if method == "gn":
     learn = grow.LearnConfig(fan_out_solver="dense", psi_init="svd", psi_steps=args.psi_steps,
                              psi_lr=args.psi_lr)
-    return grow.GrowConfig(method="gn", ks=ks, width_bucket=args.width_bucket, learn=learn)
+    return grow.GrowConfig(method="gn", ks=ks, width_bucket=args.width_bucket,
+                           fused=bool(args.fused), learn=learn)
   if method == "gn_default":
     return grow.GrowConfig(method="gn", ks=ks)
   return grow.GrowConfig(method=method, ks=ks)

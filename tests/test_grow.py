@@ -162,23 +162,26 @@ def test_width_bucket_round_equals_the_unpadded_round_and_reuses_compilations(di
   predictions and grown network, and no new compiled functions while widths stay in bucket."""
   model, v, x, y, _ = digits_mlp
   runs = {}
-  for bucket in (0, 16):
-    s = grow.Searcher(XENT, grow.GrowConfig(ks=(1, 2), width_bucket=bucket, learn=_fast()))
+  for bucket, fused in ((0, False), (16, False), (16, True)):
+    s = grow.Searcher(XENT, grow.GrowConfig(ks=(1, 2), width_bucket=bucket, fused=fused,
+                                            learn=_fast()))
     m, vv, recs, sizes = model, v, [], []
     for r in range(2):
       res = grow.grow_round(s, m, vv, x, y, damping=2e-3, rng=jax.random.key(r))
       m, vv = res.model, res.variables
       recs += [r for r in res.records if r["op"] == "add_units"]
       sizes.append(len(s._cache))  # pylint: disable=protected-access
-    runs[bucket] = (m, vv, recs, sizes)
-  (m0, v0, r0, _), (m1, v1, r1, sizes) = runs[0], runs[16]
-  assert m0 == m1 and max(m1.widths) <= 16
-  assert [(a["site"], a["k"], a["gamma"]) for a in r0] == [(a["site"], a["k"], a["gamma"])
-                                                           for a in r1]
-  np.testing.assert_allclose([a["predicted"] for a in r1], [a["predicted"] for a in r0],
-                             rtol=1e-3)
-  np.testing.assert_allclose(m1.apply(v1, x), m0.apply(v0, x), atol=2e-3)
-  assert sizes[1] == sizes[0]  # round 2 compiled nothing new (same padded network)
+    runs[(bucket, fused)] = (m, vv, recs, sizes)
+  m0, v0, r0, _ = runs[(0, False)]
+  for key in ((16, False), (16, True)):  # padded; padded and fused
+    m1, v1, r1, sizes = runs[key]
+    assert m0 == m1 and max(m1.widths) <= 16
+    assert [(a["site"], a["k"], a["gamma"]) for a in r0] == [(a["site"], a["k"], a["gamma"])
+                                                             for a in r1]
+    np.testing.assert_allclose([a["predicted"] for a in r1], [a["predicted"] for a in r0],
+                               rtol=1e-3)
+    np.testing.assert_allclose(m1.apply(v1, x), m0.apply(v0, x), atol=2e-3)
+    assert sizes[1] == sizes[0]  # round 2 compiled nothing new (same padded network)
 
 
 def test_prediction_matches_the_real_loss_to_second_order(digits_mlp):
@@ -319,6 +322,8 @@ def test_config_errors():
     grow.Searcher(XENT, grow.GrowConfig(learn=C.LearnConfig(fan_out_solver="qr")))
   with pytest.raises(ValueError, match="psi_init='svd' needs"):
     grow.Searcher(XENT, grow.GrowConfig(learn=C.LearnConfig(psi_init="svd")))
+  with pytest.raises(ValueError, match="fused needs a learned method"):
+    grow.Searcher(XENT, grow.GrowConfig(method="random", fused=True))
   with pytest.raises(ValueError, match="relinearize cannot be combined"):
     grow.Searcher(XENT, grow.GrowConfig(width_bucket=8, relinearize=1))
   conv = nets.ConvNet(input_shape=(8, 8, 1), channels=(3, 4), num_outputs=4)

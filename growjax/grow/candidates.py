@@ -11,7 +11,8 @@ pre-activation by ``δ = fan_out(Ω, fan_in(Ψ, h))``. Methods (all fed by one `
   GN matrices ``G_n = J_nᵀ H_n J_n`` computed once per call, after which no iteration touches
   the upper network again); ``Ψ`` takes Adam steps on the reduced objective ``Q(Ψ, Ω*(Ψ))``
   (envelope theorem: ``Ω*`` is held fixed in the gradient), from a random start or a closed-form
-  GN-metric SVD start (``psi_init="svd"``). Score: the predicted decrease ``−(Q* − L0)`` without the damping term.
+  GN-metric SVD start (``psi_init="svd"``). Score: the predicted decrease ``−(Q* − L0)``
+  without the damping term.
 * ``tiny`` — TINY-style first-order least squares (Verbockhaven et al. 2024): the same model with
   ``JᵀH_zJ`` replaced by the identity in ``u``-space and the activation linearised, solved by
   alternating least squares (each half by CG).

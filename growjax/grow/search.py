@@ -63,11 +63,15 @@ class GrowConfig:
       cold cost of growth on small networks). The results equal the unpadded ones up to float
       rounding. Dense sites only (every site leaf at most 2-D, appended along its unit axis,
       e.g. ``MLP``); the padded units cost compute, so choose B near the expected final width.
+    fused: statistics and every site's learner in one compiled call (one dispatch and one device
+      synchronisation per round instead of one per site; same results). Methods ``gn`` (not
+      with ``psi_init="tiny"``), ``tiny``, ``gradmax``, ``firefly``, ``oracle``.
 
   Fast growth of small MLPs (``benchmarks/vs_gromo.py``): ``width_bucket=16`` (a little above
-  the expected widths) with ``learn=LearnConfig(fan_out_solver="dense", psi_init="svd",
-  psi_steps=0)`` — one exact dense fan-out solve per candidate size from the closed-form fan-in,
-  no iterations; ``psi_steps`` of 3–5 (``psi_lr=0.1``) trade time for quality.
+  the expected widths), ``fused=True`` and
+  ``learn=LearnConfig(fan_out_solver="dense", psi_init="svd", psi_steps=0)`` — one exact dense
+  fan-out solve per candidate size from the closed-form fan-in, no iterations; ``psi_steps`` of
+  3–5 (``psi_lr=0.1``) trade time for quality.
   """
   method: str = "gn"
   ks: tuple[int, ...] = (1, 2, 4, 8)
@@ -82,6 +86,7 @@ class GrowConfig:
   relinearize: int = 0
   learn: C.LearnConfig = C.LearnConfig()
   width_bucket: int = 0
+  fused: bool = False
 
   def validate(self) -> None:
     methods = C.METHODS + ("net2net",)
@@ -99,6 +104,10 @@ class GrowConfig:
                        f"{self.learn.psi_init!r}.")
     if self.learn.psi_init == "svd" and self.learn.fan_out_solver != "dense":
       raise ValueError("GrowConfig.learn.psi_init='svd' needs learn.fan_out_solver='dense'.")
+    if self.fused and (self.method in ("random", "net2net") or self.learn.psi_init == "tiny"):
+      raise ValueError("GrowConfig.fused needs a learned method and psi_init != 'tiny' (the "
+                       f"TINY start is a learner call of its own); got method={self.method!r}, "
+                       f"psi_init={self.learn.psi_init!r}.")
     if self.width_bucket < 0:
       raise ValueError(f"GrowConfig.width_bucket must be >= 0 (0: off), got {self.width_bucket}.")
     if self.width_bucket and self.relinearize:
@@ -225,13 +234,12 @@ class Searcher:
     bucket = self.config.width_bucket
     if not bucket:
       return model, variables
-    flat = tree.flatten(variables)
     pmodel = self._padded_models.get(model)
     pads: dict[str, list[int]] = {}
     for name, site in model.growth_sites().items():
       target = -(-site.width // bucket) * bucket
       for leaf in site.leaves:
-        ndim = np.ndim(flat[leaf.path])
+        ndim = np.ndim(_leaf(variables, leaf.path))
         if site.kind != "units" or ndim > 2 or leaf.add not in ("fresh", "zero"):
           raise ValueError(
               f"GrowConfig.width_bucket supports dense sites only (leaves at most 2-D, appended "
@@ -245,11 +253,10 @@ class Searcher:
       if len(self._padded_models) > 256:
         self._padded_models.clear()
       self._padded_models[model] = pmodel
-    new = dict(flat)
-    for path, widths in pads.items():
-      if any(widths):
-        new[path] = jax.device_put(np.pad(np.asarray(flat[path]), [(0, w) for w in widths]))
-    return pmodel, tree.unflatten(new)
+    paths = [p for p, w in pads.items() if any(w)]
+    host = jax.device_get([_leaf(variables, p) for p in paths])
+    padded = jax.device_put([np.pad(a, [(0, w) for w in pads[p]]) for p, a in zip(paths, host)])
+    return pmodel, _with_leaves(variables, dict(zip(paths, padded)))
 
   # -- candidates ---------------------------------------------------------------------------
 
@@ -261,10 +268,10 @@ class Searcher:
     """
     site = model.growth_sites()[name]
     if rng is None:
-      flat = tree.flatten(variables)
       shapes = {IN: _slice_shapes(site, variables, k, IN),
                 OUT: _slice_shapes(site, variables, k, OUT)}
-      zeros = {l.path: np.zeros(shapes[l.side][l.name], flat[l.path].dtype) for l in site.leaves}
+      zeros = {l.path: np.zeros(shapes[l.side][l.name], _leaf(variables, l.path).dtype)
+               for l in site.leaves}
       if not all(C._linear_psi_mask({l.name: 0 for l in site.in_leaves}).values()):
         raise ValueError(f"Site {name!r} has normalisation fan-in leaves; zero templates "
                          "(psi_init='svd') need kernel/bias fan-in only.")
@@ -293,10 +300,19 @@ class Searcher:
     ``self.padded(model, variables)`` when ``stats`` were collected on the padded network
     (``GrowConfig.width_bucket``); candidates are returned in the shapes of ``model``.
     """
-    site = model.growth_sites()[name]
-    ks = [int(k) for k in ks]
-    kmax = max(ks)
     t0 = time.perf_counter()
+    prep = self._prepare(model, variables, stats, name, ks, method, damping, rng, psi0, omega0,
+                         view)
+    lmodel, lvars = view or (model, variables)
+    learned = self.learner(lmodel, name, method)(
+        lvars, stats.sites[name], stats.x, stats.y, prep["psi0"], prep["om0"],
+        np.asarray(damping, np.float32), None, prep["units"], prep["psi_mask"])
+    return self._finish(model, variables, name, ks, method, prep, jax.device_get(learned), t0)
+
+  def _prepare(self, model, variables, stats, name, ks, method, damping, rng, psi0=None,
+               omega0=None, view=None) -> dict:
+    """Host-side inputs of a learner call (templates, unit masks, padding to ``view``)."""
+    kmax = max(int(k) for k in ks)
     own_start = method == "gn" and psi0 is None and self.config.learn.psi_init == "svd"
     tpl_psi, om0 = self.templates(model, variables, name, kmax, None if own_start else rng)
     if method == "gn" and psi0 is None and self.config.learn.psi_init == "tiny":
@@ -305,31 +321,37 @@ class Searcher:
       psi0 = tiny.psi
     psi0 = tpl_psi if psi0 is None else psi0
     om0 = om0 if omega0 is None else omega0
-    psi_shapes = {n: np.shape(v) for n, v in psi0.items()}
-    om_shapes = {n: np.shape(v) for n, v in om0.items()}
-    lmodel, lvars, psi_mask = model, variables, None
+    prep = {"psi_shapes": {n: np.shape(v) for n, v in psi0.items()},
+            "om_shapes": {n: np.shape(v) for n, v in om0.items()}, "psi_mask": None}
     if view is not None:
-      lmodel, lvars = view
-      vsite = lmodel.growth_sites()[name]
-      shapes = _slice_shapes(vsite, lvars, kmax, IN)
-      oshapes = _slice_shapes(vsite, lvars, kmax, OUT)
-      psi_mask = {n: _fit(np.ones(np.shape(v), np.float32), shapes[n]) for n, v in psi0.items()}
+      vsite = view[0].growth_sites()[name]
+      shapes = _slice_shapes(vsite, view[1], kmax, IN)
+      oshapes = _slice_shapes(vsite, view[1], kmax, OUT)
+      prep["psi_mask"] = {n: _fit(np.ones(np.shape(v), np.float32), shapes[n])
+                          for n, v in psi0.items()}
       psi0 = {n: _fit(v, shapes[n]) for n, v in psi0.items()}
       om0 = {n: _fit(v, oshapes[n]) for n, v in om0.items()}
-    units = np.asarray([[1.0] * k + [0.0] * (kmax - k) for k in ks], np.float32)
-    learned = self.learner(lmodel, name, method)(
-        lvars, stats.sites[name], stats.x, stats.y, psi0, om0,
-        np.asarray(damping, np.float32), None, units, psi_mask)
-    learned = jax.device_get(learned)
-    if view is not None:  # back to the shapes of the unpadded network
+    prep.update(psi0=psi0, om0=om0, units=np.asarray(
+        [[1.0] * int(k) + [0.0] * (kmax - int(k)) for k in ks], np.float32))
+    return prep
+
+  def _finish(self, model, variables, name, ks, method, prep, learned, t0) -> list[Candidate]:
+    """Candidates from a learner's host-side output (unpadded shapes, first k units each)."""
+    ks = [int(k) for k in ks]
+    site = model.growth_sites()[name]
+    if prep["psi_mask"] is not None:  # back to the shapes of the unpadded network
       learned = learned._replace(
-          psi={n: np.stack([_fit(v[i], psi_shapes[n]) for i in range(len(ks))])
+          psi={n: np.stack([_fit(v[i], prep["psi_shapes"][n]) for i in range(len(ks))])
                for n, v in learned.psi.items()},
-          omega={n: np.stack([_fit(v[i], om_shapes[n]) for i in range(len(ks))])
+          omega={n: np.stack([_fit(v[i], prep["om_shapes"][n]) for i in range(len(ks))])
                  for n, v in learned.omega.items()})
     seconds = (time.perf_counter() - t0) / len(ks)
-    per_unit = site.params_per_unit(variables)
-    flops_unit = site.flops_per_unit(variables)
+    per_unit, flops_unit = 0, 0  # as Site.params_per_unit / flops_per_unit, without flattening
+    for leaf in site.leaves:
+      if leaf.path.startswith("params/"):
+        shape = np.shape(_leaf(variables, leaf.path))
+        per_unit += int(np.prod(shape)) // shape[leaf.axis]
+        flops_unit += int(np.prod(shape)) // shape[leaf.axis] * leaf.positions
     in_axes = {l.name: l.axis for l in site.in_leaves}
     out_axes = {l.name: l.axis for l in site.out_leaves}
     out = []
@@ -342,6 +364,44 @@ class Searcher:
                            score=float(learned.score[i]), params=per_unit * k,
                            flops=flops_unit * k, seconds=seconds))
     return out
+
+  def fused_candidates(self, model, variables, x, y, names: Sequence[str], ks: Sequence[int],
+                       method: str, damping: float, rngs: Mapping[str, Any],
+                       view: tuple[nn.Module, Any] | None = None
+                       ) -> tuple[Stats, list[Candidate]]:
+    """Statistics and the candidates of every site in one compiled call (``GrowConfig.fused``).
+
+    The same results as ``stats`` followed by ``candidates`` per site, with one dispatch and
+    one device synchronisation per round instead of one per site. Not for methods whose start
+    needs another learner first (``psi_init="tiny"``).
+    """
+    t0 = time.perf_counter()
+    lmodel, lvars = view or (model, variables)
+    names = tuple(names)
+    preps = {n: self._prepare(model, variables, None, n, ks, method, damping, rngs[n],
+                              view=view) for n in names}
+    loss = self.loss
+
+    def build():
+      stats_fn = make_stats_fn(lmodel, loss, names)
+      learners = {n: self.learner(lmodel, n, method) for n in names}
+
+      def f(v, x, y, psi0s, om0s, lam, units, masks):
+        st = stats_fn(v, x, y)
+        return st, {n: learners[n](v, st.sites[n], x, y, psi0s[n], om0s[n], lam, None, units,
+                                   masks[n]) for n in names}
+      return jax.jit(f)
+
+    fn = self._jit(("fused", lmodel, names, method), build)
+    units = next(iter(preps.values()))["units"]
+    stats, learned = fn(lvars, x, y, {n: p["psi0"] for n, p in preps.items()},
+                        {n: p["om0"] for n, p in preps.items()}, np.asarray(damping, np.float32),
+                        units, {n: p["psi_mask"] for n, p in preps.items()})
+    learned = jax.device_get(learned)
+    cands = []
+    for n in names:
+      cands += self._finish(model, variables, n, ks, method, preps[n], learned[n], t0)
+    return stats, cands
 
   def candidate(self, model, variables, stats: Stats, name: str, k: int, method: str,
                 damping: float, rng, psi0=None, omega0=None, view=None) -> Candidate:
@@ -392,12 +452,35 @@ class Searcher:
                                                        np.asarray(gammas, np.float32)))
 
 
+def _leaf(variables, path: str):
+  """The leaf at ``path`` of nested dicts (cheap: no flattening of the whole tree)."""
+  node = variables
+  try:
+    for part in path.split("/"):
+      node = node[part]
+  except (KeyError, TypeError):
+    return tree.get(variables, path)  # its error names the available paths
+  return node
+
+
+def _with_leaves(variables, updates: Mapping[str, Any]) -> dict:
+  """Copy of nested dicts ``variables`` with the leaves at the given paths replaced."""
+  out = dict(variables)
+  for path, value in updates.items():
+    parts = path.split("/")
+    node = out
+    for part in parts[:-1]:
+      node[part] = dict(node[part])
+      node = node[part]
+    node[parts[-1]] = value
+  return out
+
+
 def _slice_shapes(site: Site, variables, k: int, side: str) -> dict[str, tuple[int, ...]]:
   """``{leaf name: shape}`` of ``k`` new units' slices of the ``side`` leaves of ``site``."""
-  flat = tree.flatten(variables)
   out = {}
   for leaf in (site.in_leaves if side == IN else site.out_leaves):
-    shape = list(np.shape(flat[leaf.path]))
+    shape = list(np.shape(_leaf(variables, leaf.path)))
     shape[leaf.axis] = k
     out[leaf.name] = tuple(shape)
   return out
@@ -444,14 +527,19 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
     return _structural_round(searcher, model, variables, x, y, names, gen, rng, budget, damping)
 
   view = searcher.padded(model, variables) if cfg.width_bucket else None
-  stats = searcher.stats(*(view or (model, variables)), x, y, names)
-  base_loss = float(stats.loss)
-  cands = []
   own_start = cfg.method == "gn" and cfg.learn.psi_init == "svd"  # no random fan-in needed
-  for name in names:
-    site_rng = rng if own_start else jax.random.fold_in(rng, zlib.crc32(name.encode()))
-    cands += searcher.candidates(model, variables, stats, name, cfg.ks, cfg.method, damping,
-                                 site_rng, view=view)
+  rngs = {name: rng if own_start else jax.random.fold_in(rng, zlib.crc32(name.encode()))
+          for name in names}
+  if cfg.fused:
+    stats, cands = searcher.fused_candidates(model, variables, x, y, names, cfg.ks, cfg.method,
+                                             damping, rngs, view=view)
+  else:
+    stats = searcher.stats(*(view or (model, variables)), x, y, names)
+    cands = []
+    for name in names:
+      cands += searcher.candidates(model, variables, stats, name, cfg.ks, cfg.method, damping,
+                                   rngs[name], view=view)
+  base_loss = float(stats.loss)
   all_cands = list(cands)
   ranked = sorted(cands, key=lambda c: -c.rank_value(cfg.rank_by))
   used_sites: set[str] = set()
