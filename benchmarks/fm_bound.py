@@ -34,7 +34,12 @@ it does only the ``x``-dependent work. Every method gets the same treatment:
 * ``rule_ms`` / ``rule_x``: the end-to-end figure as before: preparation inside every solve.
 * ``b16_ms`` / ``b16_x``: repeated inference batched: one call solves 16 observation vectors
   (``jax.vmap`` of the prepared solve, drawn from the model; each x stops by its own rule, the
-  call returns when all have), time per observation vector.
+  call returns when all have), time per observation vector. Measured finding: under ``vmap``
+  the parallel methods' one-dimensional gathers become XLA:CPU generic gathers of strided
+  16-element slices and the update's gather sum is fused into the matvec's gathers, so a batched
+  FM / Jacobi iteration costs about 6x sixteen single iterations (at 400 x 200); a batched
+  sequential sweep costs about sixteen single sweeps. Batching by ``vmap`` therefore helps only
+  where the per-call cost dominates (eps = 0).
 
 ``warm_x``: the same stopping-rule solves, but each turn calls a method 3 times back to back and
 keeps the median of calls 2-3 (steady state with warm caches, as when one method solves many
