@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # When to grow (growjax.grow.Schedule).
   c.schedule = ml_collections.ConfigDict({
       "every": 150, "warmup": 150, "plateau_patience": 0, "max_rounds": 10,
-      "max_params": 4000, "min_gain_per_param": 0.0, "stats_batch": 512})
+      "max_params": 4000, "min_gain_per_param": 0.0, "stats_batch": 2048})
   # Fixed-size baselines trained for the same number of steps (the width sweep).
   c.baselines = ml_collections.ConfigDict({"widths": ((8, 8), (16, 16), (32, 32), (64, 64)),
                                            "enabled": True})

@@ -44,7 +44,10 @@ class Schedule:
     max_params: stop when the network reaches this many parameters (budgets are cut to fit).
     min_gain_per_param: stop when the applied candidate's predicted gain per parameter (or the
       best candidate's, when none applied) falls below this.
-    stats_batch: examples in the statistics batch.
+    stats_batch: examples in the statistics batch (capped at the training-set size). Larger is
+      better for generalisation: candidates are fitted to this batch, and on digits statistics
+      over the whole training set (1,257) instead of 512 examples lowered the grown network's
+      mean validation loss over 3 seeds from 0.29 to 0.25 (BUILD_NOTES, growth quality).
   """
   every: int = 200
   warmup: int = 0
@@ -54,7 +57,7 @@ class Schedule:
   max_rounds: int = 10
   max_params: int | None = None
   min_gain_per_param: float = 0.0
-  stats_batch: int = 512
+  stats_batch: int = 2048
 
   def validate(self) -> None:
     if self.every < 0 or self.max_rounds < 0 or self.stats_batch <= 0:

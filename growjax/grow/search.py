@@ -52,7 +52,10 @@ class GrowConfig:
     gammas: fan-out scales tried by the line search (0 keeps the function).
     damping: initial λ.
     adapt_damping: Levenberg-Marquardt adaptation of λ from ρ = realised / predicted.
-    damping_bounds: λ is kept in this range.
+    damping_bounds: λ is kept in this range. The floor is a regulariser: with ρ ≈ 1 the
+      Levenberg-Marquardt rule drives λ down every round, and below ~1e-3 new units fit the
+      statistics batch ever more tightly (on digits a floor of 1e-3 instead of 1e-6 lowered the
+      grown network's mean validation loss over 3 seeds from 0.25 to 0.22).
     relinearize: extra re-linearisation rounds of the GN solve (LM iterations).
     learn: candidate-learning hyper-parameters.
     width_bucket: 0 (off) or a bucket size B: statistics, candidate learning and the line search
@@ -82,7 +85,7 @@ class GrowConfig:
   gammas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
   damping: float = 2e-3
   adapt_damping: bool = True
-  damping_bounds: tuple[float, float] = (1e-6, 10.0)
+  damping_bounds: tuple[float, float] = (1e-3, 10.0)
   relinearize: int = 0
   learn: C.LearnConfig = C.LearnConfig()
   width_bucket: int = 0
