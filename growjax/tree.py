@@ -82,6 +82,14 @@ def _unknown_path_error(path: Path, available: Iterable[Path]) -> KeyError:
 
 def get(tree: PyTree, path: Path) -> Any:
   """Returns the leaf at ``path``; a clear KeyError lists the available paths otherwise."""
+  node = tree
+  for part in path.split("/"):  # fast path: walk nested mappings without flattening
+    if not isinstance(node, Mapping) or part not in node:
+      break
+    node = node[part]
+  else:
+    if not isinstance(node, Mapping):
+      return node
   flat = flatten(tree)
   if path not in flat:
     raise _unknown_path_error(path, flat)

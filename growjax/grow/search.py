@@ -242,7 +242,7 @@ class Searcher:
     for name, site in model.growth_sites().items():
       target = -(-site.width // bucket) * bucket
       for leaf in site.leaves:
-        ndim = np.ndim(_leaf(variables, leaf.path))
+        ndim = np.ndim(tree.get(variables, leaf.path))
         if site.kind != "units" or ndim > 2 or leaf.add not in ("fresh", "zero"):
           raise ValueError(
               f"GrowConfig.width_bucket supports dense sites only (leaves at most 2-D, appended "
@@ -257,7 +257,7 @@ class Searcher:
         self._padded_models.clear()
       self._padded_models[model] = pmodel
     paths = [p for p, w in pads.items() if any(w)]
-    host = jax.device_get([_leaf(variables, p) for p in paths])
+    host = jax.device_get([tree.get(variables, p) for p in paths])
     padded = jax.device_put([np.pad(a, [(0, w) for w in pads[p]]) for p, a in zip(paths, host)])
     return pmodel, _with_leaves(variables, dict(zip(paths, padded)))
 
@@ -273,7 +273,7 @@ class Searcher:
     if rng is None:
       shapes = {IN: _slice_shapes(site, variables, k, IN),
                 OUT: _slice_shapes(site, variables, k, OUT)}
-      zeros = {l.path: np.zeros(shapes[l.side][l.name], _leaf(variables, l.path).dtype)
+      zeros = {l.path: np.zeros(shapes[l.side][l.name], tree.get(variables, l.path).dtype)
                for l in site.leaves}
       if not all(C._linear_psi_mask({l.name: 0 for l in site.in_leaves}).values()):
         raise ValueError(f"Site {name!r} has normalisation fan-in leaves; zero templates "
@@ -349,12 +349,8 @@ class Searcher:
           omega={n: np.stack([_fit(v[i], prep["om_shapes"][n]) for i in range(len(ks))])
                  for n, v in learned.omega.items()})
     seconds = (time.perf_counter() - t0) / len(ks)
-    per_unit, flops_unit = 0, 0  # as Site.params_per_unit / flops_per_unit, without flattening
-    for leaf in site.leaves:
-      if leaf.path.startswith("params/"):
-        shape = np.shape(_leaf(variables, leaf.path))
-        per_unit += int(np.prod(shape)) // shape[leaf.axis]
-        flops_unit += int(np.prod(shape)) // shape[leaf.axis] * leaf.positions
+    per_unit = site.params_per_unit(variables)
+    flops_unit = site.flops_per_unit(variables)
     in_axes = {l.name: l.axis for l in site.in_leaves}
     out_axes = {l.name: l.axis for l in site.out_leaves}
     out = []
@@ -455,17 +451,6 @@ class Searcher:
                                                        np.asarray(gammas, np.float32)))
 
 
-def _leaf(variables, path: str):
-  """The leaf at ``path`` of nested dicts (cheap: no flattening of the whole tree)."""
-  node = variables
-  try:
-    for part in path.split("/"):
-      node = node[part]
-  except (KeyError, TypeError):
-    return tree.get(variables, path)  # its error names the available paths
-  return node
-
-
 def _with_leaves(variables, updates: Mapping[str, Any]) -> dict:
   """Copy of nested dicts ``variables`` with the leaves at the given paths replaced."""
   out = dict(variables)
@@ -483,7 +468,7 @@ def _slice_shapes(site: Site, variables, k: int, side: str) -> dict[str, tuple[i
   """``{leaf name: shape}`` of ``k`` new units' slices of the ``side`` leaves of ``site``."""
   out = {}
   for leaf in (site.in_leaves if side == IN else site.out_leaves):
-    shape = list(np.shape(_leaf(variables, leaf.path)))
+    shape = list(np.shape(tree.get(variables, leaf.path)))
     shape[leaf.axis] = k
     out[leaf.name] = tuple(shape)
   return out

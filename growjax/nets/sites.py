@@ -109,22 +109,20 @@ class Site:
   def params_per_unit(self, variables) -> int:
     """Trainable parameters added per unit (``params`` collection only)."""
     from growjax import tree  # pylint: disable=import-outside-toplevel
-    flat = tree.flatten(variables)
     total = 0
     for leaf in self.leaves:
       if leaf.path.startswith("params/"):
-        shape = np.shape(flat[leaf.path])
+        shape = np.shape(tree.get(variables, leaf.path))
         total += int(np.prod(shape)) // shape[leaf.axis]
     return total
 
   def flops_per_unit(self, variables) -> int:
     """Forward multiply-adds per example added per unit (per-unit slice size × positions)."""
     from growjax import tree  # pylint: disable=import-outside-toplevel
-    flat = tree.flatten(variables)
     total = 0
     for leaf in self.leaves:
       if leaf.path.startswith("params/"):
-        shape = np.shape(flat[leaf.path])
+        shape = np.shape(tree.get(variables, leaf.path))
         total += int(np.prod(shape)) // shape[leaf.axis] * leaf.positions
     return total
 
