@@ -1189,7 +1189,7 @@ def forest_mixture(*, mixture: str = "abs_w_sqrt_v", line_search: bool = False) 
     return fm_curvature(model, tuple(1.0 / p for p in precision), mixture)
 
   tag = f"fm(mixture={mixture}" + (",line_search)" if line_search else ")")
-  return _make_solver("fm", tag, curvature, _parallel_coefficients,
+  return _make_solver("fm_ls" if line_search else "fm", tag, curvature, _parallel_coefficients,
                       functools.partial(_parallel_step, line_search=line_search))
 
 
