@@ -170,6 +170,27 @@ def test_width_bucket_round_equals_the_unpadded_round_and_reuses_compilations(di
     assert sizes[1] == sizes[0]  # round 2 compiled nothing new (same padded network)
 
 
+def test_fused_padded_round_repeats_exactly_with_memoised_inputs(digits_mlp):
+  """A Searcher reused across rounds (learner inputs and pad widths memoised per model config)
+  gives bit-identical candidates and growth to a fresh one; padding leaves the inputs alone."""
+  model, v, x, y, _ = digits_mlp
+  cfg = grow.GrowConfig(ks=(1, 2), width_bucket=16, fused=True, learn=_fast())
+  reused = grow.Searcher(XENT, cfg)
+  before = jax.tree.map(np.array, v)
+  outs = [grow.grow_round(s, model, v, x, y, damping=2e-3, rng=jax.random.key(0))
+          for s in (reused, reused, grow.Searcher(XENT, cfg))]
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, v))
+  for res in outs[1:]:
+    assert res.model == outs[0].model
+    jax.tree.map(np.testing.assert_array_equal, res.variables, outs[0].variables)
+    for a, b in zip(res.candidates, outs[0].candidates):
+      assert (a.site, a.k, a.predicted, a.params) == (b.site, b.k, b.predicted, b.params)
+      jax.tree.map(np.testing.assert_array_equal, (a.psi, a.omega), (b.psi, b.omega))
+  pmodel, pv = reused.padded(model, v)
+  assert pmodel.widths == (16, 16)
+  np.testing.assert_allclose(pmodel.apply(pv, x), model.apply(v, x), atol=1e-5)
+
+
 def test_prediction_matches_the_real_loss_to_second_order(digits_mlp):
   model, v, x, y, _ = digits_mlp
   s = _searcher()

@@ -182,6 +182,27 @@ def test_fan_in_and_fan_out_given_explicitly_land_in_the_new_slices():
                                 v["params"]["hidden_0"]["kernel"])
 
 
+def test_add_units_draws_only_the_fresh_entries_it_is_not_given():
+  """Every fresh leaf given: nothing is drawn (the key does not matter). Otherwise the fresh
+  entries are the default draws of ``new_unit_slices`` for the same key."""
+  model, v, _ = _setup("mlp")
+  psi = {"kernel": jnp.full((10, 2), 0.5), "bias": jnp.array([1.0, 2.0])}
+  omega = {"kernel": jnp.full((2, 5), -1.0)}
+  grown = [morph.add_units(model, v, "hidden_0", 2, rng=jax.random.key(i), fan_in=psi,
+                           fan_out=omega)[1] for i in (0, 1)]
+  jax.tree.map(np.testing.assert_array_equal, grown[0], grown[1])
+  key = jax.random.key(5)
+  _, _, slices = morph.new_unit_slices(model, v, "hidden_0", 2, key)
+  _, v_out, _ = morph.add_units(model, v, "hidden_0", 2, rng=key, fan_out=omega)
+  _, v_def, _ = morph.add_units(model, v, "hidden_0", 2, rng=key)
+  for vv in (v_out, v_def):
+    np.testing.assert_array_equal(vv["params"]["hidden_0"]["kernel"][:, 7:],
+                                  slices["params/hidden_0/kernel"])
+  assert np.std(slices["params/hidden_0/kernel"]) > 0
+  np.testing.assert_array_equal(v_out["params"]["hidden_1"]["kernel"][7:], omega["kernel"])
+  np.testing.assert_array_equal(v_def["params"]["hidden_1"]["kernel"][7:], 0.0)
+
+
 def test_transformer_stream_growth_rescales_norm_epsilon():
   model, v, _ = _setup("gpt")
   m2, _, _ = morph.add_units(model, v, "stream", 4, rng=jax.random.key(0))

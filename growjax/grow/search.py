@@ -147,7 +147,10 @@ class Searcher:
     self.loss = get_loss(loss)
     self.config = config
     self._cache: dict[Any, Any] = {}
-    self._padded_models: dict[Any, nn.Module] = {}
+    # Per model config (bounded): padded model and pad widths; growth sites; learner inputs.
+    self._padded_models: dict[Any, tuple[nn.Module, tuple]] = {}
+    self._sites: dict[Any, Mapping[str, Site]] = {}
+    self._preps: dict[Any, dict] = {}
 
   # -- compiled pieces ------------------------------------------------------------------------
 
@@ -156,8 +159,17 @@ class Searcher:
       self._cache[key] = build()
     return self._cache[key]
 
+  def sites(self, model: nn.Module) -> Mapping[str, Site]:
+    """``model.growth_sites()``, memoised per model config (sites depend only on the config)."""
+    sites = self._sites.get(model)
+    if sites is None:
+      if len(self._sites) > 256:
+        self._sites.clear()
+      sites = self._sites[model] = model.growth_sites()
+    return sites
+
   def site_names(self, model: nn.Module) -> tuple[str, ...]:
-    sites = model.growth_sites()
+    sites = self.sites(model)
     names = self.config.sites or tuple(n for n, s in sites.items() if s.kind == "units")
     for n in names:
       if n not in sites:
@@ -175,11 +187,11 @@ class Searcher:
     """Jitted ``(variables, site stats, x, y, psi0, omega0, λ, δ_base, units[K, k], psi_mask)
     -> Learned`` with a leading K axis: all candidate sizes in one call (vmapped unit masks).
     ``psi_mask`` (None, or 0/1 like ``psi0``) zeroes fan-in from padded inputs."""
-    site = model.growth_sites()[name]
     cfg = self.config.learn
     loss = self.loss
 
     def build():
+      site = self.sites(model)[name]
       if method == "gn":
         f = lambda v, ss, x, y, psi0, om0, lam, base, units, pm: C.learn_gn(
             site, ss, y, loss, psi0, om0, cfg, lam, base, units, pm)
@@ -205,10 +217,11 @@ class Searcher:
 
   def losses_at(self, model: nn.Module, name: str):
     """``(variables, psi, omega, x, y, h, gammas) -> [G]`` real mean loss per fan-out scale."""
-    site = model.growth_sites()[name]
     loss = self.loss
 
     def build():
+      site = self.sites(model)[name]
+
       def f(variables, psi, omega, x, y, h, gammas):
         return jax.vmap(lambda g: C.real_loss(
             model, loss, site, variables, psi, jax.tree.map(lambda o: g * o, omega), x, y,
@@ -218,9 +231,9 @@ class Searcher:
     return self._jit(("losses", model, name), build)
 
   def site_input(self, model: nn.Module, name: str):
-    site = model.growth_sites()[name]
-
     def build():
+      site = self.sites(model)[name]
+
       def f(variables, x):
         _, cache = model.apply(variables, x, mutable=["intermediates"])
         return tree.get(cache, site.h_path + "/0")
@@ -233,33 +246,34 @@ class Searcher:
   def padded(self, model: nn.Module, variables) -> tuple[nn.Module, dict]:
     """The network padded at every site with inert units up to the next multiple of
     ``config.width_bucket`` (zero fan-in, bias and fan-out: same function, gradient and GN
-    model). The identity when ``width_bucket`` is 0."""
+    model). The identity when ``width_bucket`` is 0. Padded leaves are host (numpy) arrays
+    (they only feed compiled calls); the others are ``variables``' own."""
     bucket = self.config.width_bucket
     if not bucket:
       return model, variables
-    pmodel = self._padded_models.get(model)
-    pads: dict[str, list[int]] = {}
-    for name, site in model.growth_sites().items():
-      target = -(-site.width // bucket) * bucket
-      for leaf in site.leaves:
-        ndim = np.ndim(tree.get(variables, leaf.path))
-        if site.kind != "units" or ndim > 2 or leaf.add not in ("fresh", "zero"):
-          raise ValueError(
-              f"GrowConfig.width_bucket supports dense sites only (leaves at most 2-D, appended "
-              f"along the unit axis); {type(model).__name__} site {name!r} has leaf "
-              f"{leaf.path!r} ({ndim}-D, add={leaf.add!r}). Set width_bucket=0 for this model.")
-        pads.setdefault(leaf.path, [0] * ndim)[leaf.axis] += target - site.width
-    if pmodel is None:
+    entry = self._padded_models.get(model)
+    if entry is None:  # pad widths and the padded config depend on the model config only
+      pads: dict[str, list[int]] = {}
+      for name, site in self.sites(model).items():
+        target = -(-site.width // bucket) * bucket
+        for leaf in site.leaves:
+          ndim = np.ndim(tree.get(variables, leaf.path))
+          if site.kind != "units" or ndim > 2 or leaf.add not in ("fresh", "zero"):
+            raise ValueError(
+                f"GrowConfig.width_bucket supports dense sites only (leaves at most 2-D, "
+                f"appended along the unit axis); {type(model).__name__} site {name!r} has leaf "
+                f"{leaf.path!r} ({ndim}-D, add={leaf.add!r}). Set width_bucket=0 for this model.")
+          pads.setdefault(leaf.path, [0] * ndim)[leaf.axis] += target - site.width
       pmodel = model
-      for site in model.growth_sites().values():
+      for site in self.sites(model).values():
         pmodel = morph.widen_field(pmodel, site.field, -(-site.width // bucket) * bucket)
       if len(self._padded_models) > 256:
         self._padded_models.clear()
-      self._padded_models[model] = pmodel
-    paths = [p for p, w in pads.items() if any(w)]
-    host = jax.device_get([tree.get(variables, p) for p in paths])
-    padded = jax.device_put([np.pad(a, [(0, w) for w in pads[p]]) for p, a in zip(paths, host)])
-    return pmodel, _with_leaves(variables, dict(zip(paths, padded)))
+      entry = self._padded_models[model] = (
+          pmodel, tuple((p, tuple(w)) for p, w in pads.items() if any(w)))
+    pmodel, plan = entry
+    host = jax.device_get([tree.get(variables, p) for p, _ in plan])
+    return pmodel, _with_leaves(variables, {p: _pad_end(a, w) for (p, w), a in zip(plan, host)})
 
   # -- candidates ---------------------------------------------------------------------------
 
@@ -269,7 +283,7 @@ class Searcher:
     ``rng`` None: zero fan-in (for learners that compute their own start, ``psi_init="svd"``;
     only sites whose fan-in leaves are all kernels/biases), without tracing the grown model.
     """
-    site = model.growth_sites()[name]
+    site = self.sites(model)[name]
     if rng is None:
       shapes = {IN: _slice_shapes(site, variables, k, IN),
                 OUT: _slice_shapes(site, variables, k, OUT)}
@@ -314,7 +328,29 @@ class Searcher:
 
   def _prepare(self, model, variables, stats, name, ks, method, damping, rng, psi0=None,
                omega0=None, view=None) -> dict:
-    """Host-side inputs of a learner call (templates, unit masks, padding to ``view``)."""
+    """Host-side inputs of a learner call (templates, unit masks, padding to ``view``).
+
+    With the SVD start (``psi_init="svd"``, no ``psi0`` / ``omega0``) the inputs are constants
+    of (model config, site, ks, view config): built once, kept on the device.
+    """
+    kmax = max(int(k) for k in ks)
+    own_start = method == "gn" and psi0 is None and self.config.learn.psi_init == "svd"
+    if own_start and omega0 is None:
+      key = (model, name, tuple(int(k) for k in ks), view[0] if view is not None else None)
+      prep = self._preps.get(key)
+      if prep is None:
+        prep = self._build_prep(model, variables, stats, name, ks, method, damping, rng,
+                                None, None, view)
+        prep.update({f: jax.device_put(prep[f]) for f in ("psi0", "om0", "psi_mask", "units")})
+        if len(self._preps) > 256:
+          self._preps.clear()
+        self._preps[key] = prep
+      return prep
+    return self._build_prep(model, variables, stats, name, ks, method, damping, rng, psi0,
+                            omega0, view)
+
+  def _build_prep(self, model, variables, stats, name, ks, method, damping, rng, psi0, omega0,
+                  view) -> dict:
     kmax = max(int(k) for k in ks)
     own_start = method == "gn" and psi0 is None and self.config.learn.psi_init == "svd"
     tpl_psi, om0 = self.templates(model, variables, name, kmax, None if own_start else rng)
@@ -327,7 +363,7 @@ class Searcher:
     prep = {"psi_shapes": {n: np.shape(v) for n, v in psi0.items()},
             "om_shapes": {n: np.shape(v) for n, v in om0.items()}, "psi_mask": None}
     if view is not None:
-      vsite = view[0].growth_sites()[name]
+      vsite = self.sites(view[0])[name]
       shapes = _slice_shapes(vsite, view[1], kmax, IN)
       oshapes = _slice_shapes(vsite, view[1], kmax, OUT)
       prep["psi_mask"] = {n: _fit(np.ones(np.shape(v), np.float32), shapes[n])
@@ -341,27 +377,25 @@ class Searcher:
   def _finish(self, model, variables, name, ks, method, prep, learned, t0) -> list[Candidate]:
     """Candidates from a learner's host-side output (unpadded shapes, first k units each)."""
     ks = [int(k) for k in ks]
-    site = model.growth_sites()[name]
+    site = self.sites(model)[name]
     if prep["psi_mask"] is not None:  # back to the shapes of the unpadded network
       learned = learned._replace(
-          psi={n: np.stack([_fit(v[i], prep["psi_shapes"][n]) for i in range(len(ks))])
-               for n, v in learned.psi.items()},
-          omega={n: np.stack([_fit(v[i], prep["om_shapes"][n]) for i in range(len(ks))])
-                 for n, v in learned.omega.items()})
+          psi={n: _fit_each(v, prep["psi_shapes"][n]) for n, v in learned.psi.items()},
+          omega={n: _fit_each(v, prep["om_shapes"][n]) for n, v in learned.omega.items()})
     seconds = (time.perf_counter() - t0) / len(ks)
     per_unit = site.params_per_unit(variables)
     flops_unit = site.flops_per_unit(variables)
     in_axes = {l.name: l.axis for l in site.in_leaves}
     out_axes = {l.name: l.axis for l in site.out_leaves}
+    predicted = np.asarray(learned.predicted).tolist()
+    score = np.asarray(learned.score).tolist()
     out = []
     for i, k in enumerate(ks):
-      psi = {n: np.take(v[i], np.arange(k), axis=in_axes[n]) for n, v in learned.psi.items()}
-      omega = {n: np.take(v[i], np.arange(k), axis=out_axes[n])
-               for n, v in learned.omega.items()}
+      psi = {n: _first_units(v[i], k, in_axes[n]) for n, v in learned.psi.items()}
+      omega = {n: _first_units(v[i], k, out_axes[n]) for n, v in learned.omega.items()}
       out.append(Candidate(site=name, k=k, method=method, psi=psi, omega=omega,
-                           predicted=float(learned.predicted[i]),
-                           score=float(learned.score[i]), params=per_unit * k,
-                           flops=flops_unit * k, seconds=seconds))
+                           predicted=float(predicted[i]), score=float(score[i]),
+                           params=per_unit * k, flops=flops_unit * k, seconds=seconds))
     return out
 
   def fused_candidates(self, model, variables, x, y, names: Sequence[str], ks: Sequence[int],
@@ -413,7 +447,7 @@ class Searcher:
     """Levenberg-Marquardt rounds: re-linearise the upper network at the current candidate
     and solve again (``rounds`` times); the prediction is measured from the base point."""
     name = cand.site
-    site = model.growth_sites()[name]
+    site = self.sites(model)[name]
     t0 = time.perf_counter()
     ss = stats.sites[name]
     psi, omega = cand.psi, cand.omega
@@ -440,7 +474,7 @@ class Searcher:
     psi, omega = cand.psi, cand.omega
     if view is not None:
       model, variables = view
-      vsite = model.growth_sites()[cand.site]
+      vsite = self.sites(model)[cand.site]
       shapes = _slice_shapes(vsite, variables, cand.k, IN)
       oshapes = _slice_shapes(vsite, variables, cand.k, OUT)
       psi = {n: _fit(v, shapes[n]) for n, v in psi.items()}
@@ -479,8 +513,30 @@ def _fit(x, shape: tuple[int, ...]) -> np.ndarray:
   x = np.asarray(x)
   x = x[tuple(slice(0, s) for s in shape)]
   if x.shape != tuple(shape):
-    x = np.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
+    out = np.zeros(shape, x.dtype)
+    out[tuple(slice(0, d) for d in x.shape)] = x
+    x = out
   return x
+
+
+def _fit_each(x, shape: tuple[int, ...]) -> np.ndarray:
+  """``_fit`` of every ``x[i]`` (a leading batch axis kept)."""
+  x = np.asarray(x)
+  return np.stack([_fit(v, shape) for v in x]) if np.any(np.less(x.shape[1:], shape)) else (
+      x[(slice(None),) + tuple(slice(0, s) for s in shape)])
+
+
+def _pad_end(x, widths: Sequence[int]) -> np.ndarray:
+  """``x`` zero-padded by ``widths[i]`` at the end of axis ``i``."""
+  x = np.asarray(x)
+  out = np.zeros(tuple(d + w for d, w in zip(x.shape, widths)), x.dtype)
+  out[tuple(slice(0, d) for d in x.shape)] = x
+  return out
+
+
+def _first_units(x: np.ndarray, k: int, axis: int) -> np.ndarray:
+  """The first ``k`` entries of ``x`` along ``axis`` (a copy)."""
+  return np.array(x[(slice(None),) * (axis % x.ndim) + (slice(0, k),)])
 
 
 class RoundResult(NamedTuple):
@@ -509,10 +565,10 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
   cfg = searcher.config
   budget = cfg.round_budget if budget is None else budget
   names = searcher.site_names(model)
-  gen = host_rng(rng)
   records: list[dict] = []
   if cfg.method in ("random", "net2net"):
-    return _structural_round(searcher, model, variables, x, y, names, gen, rng, budget, damping)
+    return _structural_round(searcher, model, variables, x, y, names, host_rng(rng), rng, budget,
+                             damping)
 
   view = searcher.padded(model, variables) if cfg.width_bucket else None
   own_start = cfg.method == "gn" and cfg.learn.psi_init == "svd"  # no random fan-in needed

@@ -57,7 +57,10 @@ def widen_field(model: nn.Module, field: tuple[str, int | None], new: int) -> nn
 
 def check_site_shapes(variables, site: Site) -> None:
   """Every leaf of ``site`` must exist and have ``site.width`` units on its unit axis."""
-  flat = tree.flatten(variables)
+  _check_site_shapes_flat(tree.flatten(variables), site)
+
+
+def _check_site_shapes_flat(flat: Mapping[str, Array], site: Site) -> None:
   for leaf in site.leaves:
     if leaf.path not in flat:
       raise tree._unknown_path_error(leaf.path, flat)  # pylint: disable=protected-access
@@ -108,9 +111,12 @@ def _grown_shapes(model: nn.Module, rng: Array) -> dict[str, tuple[int, ...]]:
   return {p: tuple(a.shape) for p, a in common.abstract_variables(model, rng).items()}
 
 
-def _check_grown(grown, want: Mapping[str, tuple[int, ...]], site: Site) -> None:
-  """The grown tree must have exactly the grown model's leaves and shapes."""
-  got = {p: tuple(np.shape(a)) for p, a in tree.flatten(grown).items()}
+def _check_grown(grown, want: Mapping[str, tuple[int, ...]], site: Site, *,
+                 flat: Mapping[str, Array] | None = None) -> None:
+  """The grown tree (or its ``flat`` form) must have exactly the grown model's leaves and
+  shapes."""
+  flat = tree.flatten(grown) if flat is None else flat
+  got = {p: tuple(np.shape(a)) for p, a in flat.items()}
   if got != want:
     bad = sorted(p for p in set(got) | set(want) if got.get(p) != want.get(p))
     raise ValueError(
@@ -138,10 +144,21 @@ def new_unit_slices(model: nn.Module, variables, site: str, k: int, rng: Array
   s = get_site(model, site)
   new_model = widen_field(model, s.field, s.width + int(k))
   want = _grown_shapes(new_model, rng)
-  gen = common.host_rng(rng)
-  flat_old = tree.flatten(variables)
+  return new_model, want, _default_slices(s, new_model, want, tree.flatten(variables), k, rng)
+
+
+def _default_slices(s: Site, new_model: nn.Module, want: Mapping[str, tuple[int, ...]],
+                    flat_old: Mapping[str, Array], k: int, rng: Array,
+                    given: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+  """``new_unit_slices``'s slices. ``given``: leaf paths whose slices the caller supplies; when
+  they include every ``fresh`` leaf nothing is drawn (and they are left out), otherwise every
+  slice is built as without ``given`` (the same random draws)."""
+  draw = any(leaf.add == "fresh" and leaf.path not in given for leaf in s.leaves)
+  gen = common.host_rng(rng) if draw else None
   slices = {}
   for leaf in s.leaves:
+    if not draw and leaf.path in given:
+      continue
     old = np.asarray(flat_old[leaf.path])
     shape = list(old.shape)
     shape[leaf.axis] = k
@@ -156,7 +173,7 @@ def new_unit_slices(model: nn.Module, variables, site: str, k: int, rng: Array
     else:
       raise ValueError(f"Leaf {leaf.path!r} has unknown add rule {leaf.add!r}.")
     slices[leaf.path] = new
-  return new_model, want, slices
+  return slices
 
 
 def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
@@ -169,7 +186,8 @@ def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
     variables: its variables (``{"params": ..., "batch_stats": ...}``).
     site: growth site name (``model.growth_sites()``).
     k: number of units to add.
-    rng: PRNG key for the fresh entries (the model's own initialisers).
+    rng: PRNG key for the fresh entries (the model's own initialisers); unused when ``fan_in``
+      and ``fan_out`` give every freshly drawn leaf.
     fan_in: optional ``{leaf name: new slice}`` for IN leaves (e.g. a learned ``Ψ``), each shaped
       like the leaf with ``k`` on its unit axis.
     fan_out: optional ``{leaf name: new slice}`` for OUT leaves (a learned ``Ω``). Without it the
@@ -181,22 +199,27 @@ def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
   if not isinstance(k, (int, np.integer)) or k <= 0:
     raise ValueError(f"add_units: k must be a positive integer, got {k!r}.")
   s = get_site(model, site)
-  check_site_shapes(variables, s)
   flat_old = tree.flatten(variables)
+  _check_site_shapes_flat(flat_old, s)
   fan_in = _check_slices(fan_in, s, IN, int(k), flat_old, "fan_in")
   fan_out = _check_slices(fan_out, s, OUT, int(k), flat_old, "fan_out")
-  new_model, want, slices = new_unit_slices(model, variables, site, int(k), rng)
-  for leaf in s.leaves:
-    given = (fan_in if leaf.side == IN else fan_out).get(leaf.name)
-    if given is not None:
-      slices[leaf.path] = np.asarray(given, slices[leaf.path].dtype)
-  updates = {}
+  new_model = widen_field(model, s.field, s.width + int(k))
+  want = _grown_shapes(new_model, rng)
+  given = {leaf.path: (fan_in if leaf.side == IN else fan_out).get(leaf.name)
+           for leaf in s.leaves}
+  given = {p: v for p, v in given.items() if v is not None}
+  slices = _default_slices(s, new_model, want, flat_old, int(k), rng, frozenset(given))
+  paths, parts = [], []
   for leaf in s.leaves:
     old = np.asarray(flat_old[leaf.path])
-    updates[leaf.path] = to_device(np.concatenate([old, slices[leaf.path].astype(old.dtype)],
-                                                  axis=leaf.axis))
-  grown = _set_leaves(variables, updates)
-  _check_grown(grown, want, s)
+    new = given.get(leaf.path)
+    new = slices[leaf.path] if new is None else np.asarray(new, old.dtype)
+    paths.append(leaf.path)
+    parts.append(np.concatenate([old, new.astype(old.dtype)], axis=leaf.axis))
+  flat = dict(flat_old)
+  flat.update(zip(paths, jax.device_put(parts)))  # one transfer, no compilation
+  _check_grown(None, want, s, flat=flat)
+  grown = tree.unflatten(flat)
   if s.preserve is not None:
     new_model, grown = s.preserve(new_model, grown, s.width, int(k))
   rec = _record("add_units", s, variables, grown, k=int(k), old_width=s.width,
