@@ -19,6 +19,10 @@ Parts (all in one run, results in ``benchmarks/results/growth_quality.json``):
    * quality vs cost: GN one-shot and with re-linearisation rounds as a fraction of the oracle's
      decrease on the statistics (training) batch and on held-out data, at measured warm wall time
      per candidate; and Adam on the real loss given GN's wall time.
+   * every GN figure twice: the realised decrease at the full step (γ = 1, what the prediction
+     is for) and after the growth loop's line search on the fan-out scale (γ from
+     ``GrowConfig.gammas``, picked on the statistics batch; what growth applies), its time
+     included in the GN time. The λ rule and calibration are reported for both.
 2. The same cost comparison on a ConvNet (digits 8×8 images, channels 4-8), where the layers
    above a site are expensive.
 3. Growth search: the growth loop with GN, GradMax, TINY-style and random growth under the same
@@ -55,6 +59,8 @@ KS = (1, 2, 4, 8)
 LAMS = (3e-4, 1e-3, 3e-3, 1e-2)
 LEARN = C.LearnConfig(psi_steps=40, psi_lr=0.1, oracle_steps=300, oracle_lrs=(3e-3, 1e-2, 3e-2))
 RELIN_ROUNDS = 4
+GAMMAS = grow.GrowConfig().gammas  # the growth loop's line search on the fan-out scale
+I_ONE = GAMMAS.index(1.0)
 
 
 def _timed(fn, reps=3):
@@ -103,9 +109,19 @@ def _pad(site, slices, kmax, out=False):
   return res
 
 
-def held_out_decrease(s, model, v, cand, xv, yv):
-  l0, l1 = s.real_losses(model, v, cand, xv, yv, [0.0, 1.0])
+def held_out_decrease(s, model, v, cand, xv, yv, gamma=1.0):
+  l0, l1 = s.real_losses(model, v, cand, xv, yv, [0.0, gamma])
   return float(l0 - l1)
+
+
+def line_searched(s, model, v, cand, x, y, xv, yv) -> dict:
+  """Decreases at the full step (γ = 1) and at the line search's γ (``GAMMAS``, the growth
+  loop's grid, picked on the statistics batch), on the statistics batch and held out."""
+  losses = np.asarray(s.real_losses(model, v, cand, x, y, GAMMAS))
+  best = int(np.argmin(losses))
+  return {"train": float(losses[0] - losses[I_ONE]), "train_ls": float(losses[0] - losses[best]),
+          "gamma": float(GAMMAS[best]),
+          "heldout_ls": held_out_decrease(s, model, v, cand, xv, yv, float(GAMMAS[best]))}
 
 
 def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, quick: bool):
@@ -141,9 +157,10 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
       # -- warm, interleaved timings of one call (all ks) per method.
       if seed == 0:
         lam_t = 1e-3
-        ts = {"gn": [], "oracle": [], "relin": []}
+        ts = {"gn": [], "oracle": [], "relin": [], "ls": []}
         for c in gn.candidates(model, v, stats, name, KS, "gn", lam_t, key):
           gn.relinearized(model, v, stats, c, RELIN_ROUNDS, lam_t)  # compile before timing
+          gn.real_losses(model, v, c, x, y, GAMMAS)
         for _ in range(1 if quick else 3):
           ts["gn"].append(_timed(lambda: gn.candidates(model, v, stats, name, KS, "gn", lam_t,
                                                        key), reps=1)[1])
@@ -154,10 +171,15 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
           for c in cs:
             gn.relinearized(model, v, stats, c, RELIN_ROUNDS, lam_t)
           ts["relin"].append(time.perf_counter() - t0)
+          t0 = time.perf_counter()
+          for c in cs:
+            gn.real_losses(model, v, c, x, y, GAMMAS)
+          ts["ls"].append(time.perf_counter() - t0)
         timing.append({"task": task, "site": name,
                        "gn_s": float(np.median(ts["gn"])) / len(KS),
                        "oracle_s": float(np.median(ts["oracle"])) / len(KS),
-                       "relin_extra_s": float(np.median(ts["relin"])) / len(KS)})
+                       "relin_extra_s": float(np.median(ts["relin"])) / len(KS),
+                       "line_search_s": float(np.median(ts["ls"])) / len(KS)})
       for i, k in enumerate(KS):
         o = orc[i]
         row = {"task": task, "seed": seed, "site": name, "k": k,
@@ -166,10 +188,13 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
                "tiny_score": tiny[i].score, "gradmax_score": gmax[i].score}
         for lam in LAMS:
           c = gn_calls[lam][i]
-          l0, l1 = gn.real_losses(model, v, c, x, y, [0.0, 1.0])
+          d = line_searched(gn, model, v, c, x, y, xv, yv)
           row[f"gn_pred@{lam:g}"] = c.predicted
-          row[f"gn_train@{lam:g}"] = float(l0 - l1)
+          row[f"gn_train@{lam:g}"] = d["train"]
+          row[f"gn_train_ls@{lam:g}"] = d["train_ls"]
+          row[f"gn_gamma@{lam:g}"] = d["gamma"]
           row[f"gn_heldout@{lam:g}"] = held_out_decrease(gn, model, v, c, xv, yv)
+          row[f"gn_heldout_ls@{lam:g}"] = d["heldout_ls"]
         c = gn_calls[1e-3][i]
         # Oracle warm-started from the GN solution (a stronger reference): the GN units padded
         # to max(KS) so the compiled all-sizes oracle is reused; entry i is the size-k one.
@@ -181,9 +206,11 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
         row["oracle_warm_heldout"] = held_out_decrease(searchers["oracle"], model, v, warm, xv,
                                                        yv)
         rel = gn.relinearized(model, v, stats, c, RELIN_ROUNDS, 1e-3)
-        l0, l1 = gn.real_losses(model, v, rel, x, y, [0.0, 1.0])
-        row["relin_train"] = float(l0 - l1)
+        d = line_searched(gn, model, v, rel, x, y, xv, yv)
+        row["relin_train"] = d["train"]
+        row["relin_train_ls"] = d["train_ls"]
         row["relin_heldout"] = held_out_decrease(gn, model, v, rel, xv, yv)
+        row["relin_heldout_ls"] = d["heldout_ls"]
         rows.append(row)
   # Adam on the real loss given GN's wall time (firefly learner with that many steps).
   same_time = []
@@ -222,22 +249,31 @@ def analyse(rows, timing, same_time):
     oracle = np.array([max(r["oracle_train"], r["oracle_warm_train"]) for r in rs])
     oracle_ho = np.array([max(r["oracle_heldout"], r["oracle_warm_heldout"]) for r in rs])
     ks = np.array([r["k"] for r in rs])
-    lam_rows = []
-    for lam in LAMS:
-      pred = np.array([r[f"gn_pred@{lam:g}"] for r in rs])
-      real = np.array([r[f"gn_train@{lam:g}"] for r in rs])
-      ok = oracle > 1e-6
-      lam_rows.append({
-          "lambda": lam,
-          "spearman": _spearman(pred, real),
-          "spearman_within_k_min": min(_spearman(pred[ks == k], real[ks == k]) for k in KS),
-          "median_real_over_pred": float(np.median(real[pred > 0] / pred[pred > 0])),
-          "median_real_over_oracle": float(np.median(real[ok] / oracle[ok])),
-          "trivial_k_spearman": _spearman(ks, real),
-      })
-    eligible = [l for l in lam_rows if l["median_real_over_oracle"] >= 0.5]
-    chosen = min(eligible, key=lambda l: abs(np.log(l["median_real_over_pred"]))) if (
-        eligible) else None
+    ok = oracle > 1e-6
+
+    def sweep(suffix):
+      """Calibration per λ of the realised decrease ``gn_train{suffix}`` (at γ = 1, or after
+      the line search), and the λ the rule picks: the smallest calibration error among the λ
+      whose median realised decrease is at least half the oracle's."""
+      out_rows = []
+      for lam in LAMS:
+        pred = np.array([r[f"gn_pred@{lam:g}"] for r in rs])
+        real = np.array([r[f"gn_train{suffix}@{lam:g}"] for r in rs])
+        out_rows.append({
+            "lambda": lam,
+            "spearman": _spearman(pred, real),
+            "spearman_within_k_min": min(_spearman(pred[ks == k], real[ks == k]) for k in KS),
+            "median_real_over_pred": float(np.median(real[pred > 0] / pred[pred > 0])),
+            "median_real_over_oracle": float(np.median(real[ok] / oracle[ok])),
+            "trivial_k_spearman": _spearman(ks, real),
+        })
+      eligible = [l for l in out_rows if l["median_real_over_oracle"] >= 0.5]
+      pick = min(eligible, key=lambda l: abs(np.log(l["median_real_over_pred"]))) if (
+          eligible) else None
+      return out_rows, pick
+
+    lam_rows, chosen = sweep("")
+    lam_rows_ls, chosen_ls = sweep("_ls")
     # Where to grow.
     agree = {"gn": [], "gradmax": [], "tiny": []}
     for seed in sorted({r["seed"] for r in rs}):
@@ -251,15 +287,20 @@ def analyse(rows, timing, same_time):
                                 best_oracle)
         agree["tiny"].append(max(group, key=lambda r: r["tiny_score"])["site"] == best_oracle)
     lam_key = f"{(chosen or lam_rows[1])['lambda']:g}"
+    lam_key_ls = f"{(chosen_ls or lam_rows_ls[1])['lambda']:g}"
     gn_tr = np.array([r[f"gn_train@{lam_key}"] for r in rs])
     gn_ho = np.array([r[f"gn_heldout@{lam_key}"] for r in rs])
+    gn_tr_ls = np.array([r[f"gn_train_ls@{lam_key_ls}"] for r in rs])
+    gn_ho_ls = np.array([r[f"gn_heldout_ls@{lam_key_ls}"] for r in rs])
     rel_tr = np.array([r["relin_train"] for r in rs])
     rel_ho = np.array([r["relin_heldout"] for r in rs])
-    ok, ok_ho = oracle > 1e-6, oracle_ho > 1e-6
+    rel_tr_ls = np.array([r["relin_train_ls"] for r in rs])
+    ok_ho = oracle_ho > 1e-6
     t = [x for x in timing if x["task"] == task]
     gn_s = float(np.mean([x["gn_s"] for x in t])) if t else float("nan")
     or_s = float(np.mean([x["oracle_s"] for x in t])) if t else float("nan")
     rl_s = float(np.mean([x["relin_extra_s"] for x in t])) if t else float("nan")
+    ls_s = float(np.mean([x["line_search_s"] for x in t])) if t else float("nan")
     st = [x for x in same_time if x["task"] == task]
     same = []
     for x in st:
@@ -272,12 +313,21 @@ def analyse(rows, timing, same_time):
     out[task] = {
         "lambda_sweep": lam_rows, "chosen_lambda": chosen["lambda"] if chosen else None,
         "calibration": chosen,
+        "lambda_sweep_line_search": lam_rows_ls,
+        "chosen_lambda_line_search": chosen_ls["lambda"] if chosen_ls else None,
+        "calibration_line_search": chosen_ls,
         "where_to_grow": {m: float(np.mean(a)) for m, a in agree.items()},
         "gn_over_oracle_train_median": float(np.median(gn_tr[ok] / oracle[ok])),
         "gn_over_oracle_train_ratio_of_sums": float(gn_tr[ok].sum() / oracle[ok].sum()),
         "gn_over_oracle_heldout_median": float(np.median(gn_ho[ok_ho] / oracle_ho[ok_ho])),
         "relin_over_oracle_train_median": float(np.median(rel_tr[ok] / oracle[ok])),
         "relin_over_oracle_heldout_median": float(np.median(rel_ho[ok_ho] / oracle_ho[ok_ho])),
+        "gn_ls_over_oracle_train_median": float(np.median(gn_tr_ls[ok] / oracle[ok])),
+        "gn_ls_over_oracle_heldout_median": float(np.median(gn_ho_ls[ok_ho] /
+                                                            oracle_ho[ok_ho])),
+        "relin_ls_over_oracle_train_median": float(np.median(rel_tr_ls[ok] / oracle[ok])),
+        "gn_ls_time_over_oracle": (gn_s + ls_s) / or_s,
+        "relin_ls_time_over_oracle": (gn_s + rl_s + ls_s) / or_s,
         "gn_time_over_oracle": gn_s / or_s,
         "relin_time_over_oracle": (gn_s + rl_s) / or_s,
         "gn_seconds_per_candidate": gn_s, "oracle_seconds_per_candidate": or_s,
@@ -397,9 +447,16 @@ def main():
       print(format_table(a["lambda_sweep"]))
       print(f"chosen λ = {a['chosen_lambda']}; where-to-grow agreement with the oracle: "
             f"{a['where_to_grow']}")
+      print("λ sweep with the realised decrease after the line search on γ "
+            f"{tuple(GAMMAS)}:")
+      print(format_table(a["lambda_sweep_line_search"]))
+      print(f"chosen λ (line search) = {a['chosen_lambda_line_search']}")
       keys = ["gn_over_oracle_train_median", "gn_over_oracle_heldout_median",
               "relin_over_oracle_train_median", "relin_over_oracle_heldout_median",
               "gn_time_over_oracle", "relin_time_over_oracle",
+              "gn_ls_over_oracle_train_median", "gn_ls_over_oracle_heldout_median",
+              "relin_ls_over_oracle_train_median", "gn_ls_time_over_oracle",
+              "relin_ls_time_over_oracle",
               "adam_same_time_over_oracle_median", "gn_seconds_per_candidate",
               "oracle_seconds_per_candidate"]
       print(format_table([{k: a[k] for k in keys}]))
