@@ -269,7 +269,12 @@ def dense_curvature(lin, loss: Loss, y: Array) -> DenseCurvature:
   with jax.numpy_rank_promotion("allow"):  # _hessian_sqrt broadcasts implicitly
     l_cols = jnp.moveaxis(_hessian_sqrt(loss, lin.z, y), -1, 0)  # [C, n, C]: columns of L_n
   s_fac = jax.vmap(lin.vjp)(l_cols)  # [C, n, U]
-  gmat = jnp.einsum("cnu,cnv->nuv", s_fac, s_fac)
+  # G_n = Σ_c s_cn s_cnᵀ as C fused outer products: XLA:CPU lowers the batched einsum
+  # ("cnu,cnv->nuv") to transposes and n tiny GEMMs: the fused fast-mode call (2 sites, n = 1024)
+  # took 10-20% longer with it.
+  gmat = s_fac[0][:, :, None] * s_fac[0][:, None, :]
+  for c in range(1, s_fac.shape[0]):
+    gmat = gmat + s_fac[c][:, :, None] * s_fac[c][:, None, :]
   return DenseCurvature(g_u, gmat, _count(lin.z))
 
 

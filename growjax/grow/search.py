@@ -29,7 +29,7 @@ import numpy as np
 from growjax import morph, tree
 from growjax.curvature.losses import Loss, get_loss
 from growjax.grow import candidates as C
-from growjax.grow.stats import Stats, make_stats_fn
+from growjax.grow.stats import SiteStats, Stats, make_stats_fn
 from growjax.nets.common import host_rng
 from growjax.nets.sites import IN, OUT, Site
 
@@ -406,7 +406,10 @@ class Searcher:
 
     The same results as ``stats`` followed by ``candidates`` per site, with one dispatch and
     one device synchronisation per round instead of one per site. Not for methods whose start
-    needs another learner first (``psi_init="tiny"``).
+    needs another learner first (``psi_init="tiny"``). The statistics' linearisations
+    (``Stats.sites[n].lin``, the upper network's cached vjp) are returned only where a later
+    step reads them (``GrowConfig.relinearize``); otherwise they are None and the compiled call
+    does not write them out. ``Stats.x`` / ``y`` are the given ``x`` / ``y``.
     """
     t0 = time.perf_counter()
     lmodel, lvars = view or (model, variables)
@@ -414,6 +417,7 @@ class Searcher:
     preps = {n: self._prepare(model, variables, None, n, ks, method, damping, rngs[n],
                               view=view) for n in names}
     loss = self.loss
+    keep_lin = self.config.relinearize > 0
 
     def build():
       stats_fn = make_stats_fn(lmodel, loss, names)
@@ -421,11 +425,13 @@ class Searcher:
 
       def f(v, x, y, psi0s, om0s, lam, units, masks):
         st = stats_fn(v, x, y)
-        return st, {n: learners[n](v, st.sites[n], x, y, psi0s[n], om0s[n], lam, None, units,
-                                   masks[n]) for n in names}
+        learned = {n: learners[n](v, st.sites[n], x, y, psi0s[n], om0s[n], lam, None, units,
+                                  masks[n]) for n in names}
+        sites = {n: SiteStats(ss.h, ss.lin if keep_lin else None) for n, ss in st.sites.items()}
+        return st._replace(x=None, y=None, sites=sites), learned
       return jax.jit(f)
 
-    fn = self._jit(("fused", lmodel, names, method), build)
+    fn = self._jit(("fused", lmodel, names, method, keep_lin), build)
     units = next(iter(preps.values()))["units"]
     stats, learned = fn(lvars, x, y, {n: p["psi0"] for n, p in preps.items()},
                         {n: p["om0"] for n, p in preps.items()}, np.asarray(damping, np.float32),
@@ -434,7 +440,7 @@ class Searcher:
     cands = []
     for n in names:
       cands += self._finish(model, variables, n, ks, method, preps[n], learned[n], t0)
-    return stats, cands
+    return stats._replace(x=x, y=y), cands
 
   def candidate(self, model, variables, stats: Stats, name: str, k: int, method: str,
                 damping: float, rng, psi0=None, omega0=None, view=None) -> Candidate:
