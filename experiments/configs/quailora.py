@@ -15,10 +15,11 @@ used instead of pretraining; its vocabulary must be the experiment's byte-level 
 ids: 256 bytes + <eos>), because the corpus is tokenized that way.
 
 Expected on the 2-core CPU machine (default, shared with other jobs, under `nice`): pretraining
-~1-1.5 h (cached in the workdir: a rerun skips it), initialisations a few minutes, fine-tuning
-(5 inits x 4 learning rates on seed 0, 5 runs on each further seed) ~1-1.5 h. The grid
-brackets the optimum: an earlier grid {3e-4, 1e-3, 3e-3} picked its lowest value for every init. Measured result
-(benchmarks/results/quailora.json): see the README experiments table and BUILD_NOTES.md.
+35 min-1.5 h (cached in the workdir: a rerun skips it), initialisations a few minutes,
+fine-tuning (5 inits x 4 learning rates on seed 0, 5 runs on each further seed) ~1 h. The grid
+brackets the optimum (an earlier grid {3e-4, 1e-3, 3e-3} picked its lowest value for every
+init). Measured result (benchmarks/results/quailora.json): see the README experiments table and
+BUILD_NOTES.md.
 """
 
 import os
