@@ -251,10 +251,21 @@ def analyse(rows, timing, same_time):
     ks = np.array([r["k"] for r in rs])
     ok = oracle > 1e-6
 
+    def gn_site_agreement(lam):
+      """Fraction of (seed, k) where GN's predicted-best site is the oracle's best site."""
+      agree = []
+      for seed in sorted({r["seed"] for r in rs}):
+        for k in KS:
+          group = [r for r in rs if r["seed"] == seed and r["k"] == k]
+          best = max(group, key=lambda r: max(r["oracle_train"], r["oracle_warm_train"]))
+          agree.append(max(group, key=lambda r: r[f"gn_pred@{lam:g}"])["site"] == best["site"])
+      return float(np.mean(agree))
+
     def sweep(suffix):
       """Calibration per λ of the realised decrease ``gn_train{suffix}`` (at γ = 1, or after
-      the line search), and the λ the rule picks: the smallest calibration error among the λ
-      whose median realised decrease is at least half the oracle's."""
+      the line search); the λ the rule picks (the smallest calibration error among the λ whose
+      median realised decrease is at least half the oracle's) and the eligible λ with the best
+      Spearman correlation."""
       out_rows = []
       for lam in LAMS:
         pred = np.array([r[f"gn_pred@{lam:g}"] for r in rs])
@@ -266,14 +277,17 @@ def analyse(rows, timing, same_time):
             "median_real_over_pred": float(np.median(real[pred > 0] / pred[pred > 0])),
             "median_real_over_oracle": float(np.median(real[ok] / oracle[ok])),
             "trivial_k_spearman": _spearman(ks, real),
+            "where_to_grow_gn": gn_site_agreement(lam),
         })
       eligible = [l for l in out_rows if l["median_real_over_oracle"] >= 0.5]
       pick = min(eligible, key=lambda l: abs(np.log(l["median_real_over_pred"]))) if (
           eligible) else None
-      return out_rows, pick
+      best = max(eligible, key=lambda l: np.nan_to_num(l["spearman"], nan=-2.0)) if (
+          eligible) else None
+      return out_rows, pick, best
 
-    lam_rows, chosen = sweep("")
-    lam_rows_ls, chosen_ls = sweep("_ls")
+    lam_rows, chosen, _ = sweep("")
+    lam_rows_ls, chosen_ls, best_ls = sweep("_ls")
     # Where to grow.
     agree = {"gn": [], "gradmax": [], "tiny": []}
     for seed in sorted({r["seed"] for r in rs}):
@@ -316,6 +330,8 @@ def analyse(rows, timing, same_time):
         "lambda_sweep_line_search": lam_rows_ls,
         "chosen_lambda_line_search": chosen_ls["lambda"] if chosen_ls else None,
         "calibration_line_search": chosen_ls,
+        "best_spearman_lambda_line_search": best_ls["lambda"] if best_ls else None,
+        "calibration_line_search_best_spearman": best_ls,
         "where_to_grow": {m: float(np.mean(a)) for m, a in agree.items()},
         "gn_over_oracle_train_median": float(np.median(gn_tr[ok] / oracle[ok])),
         "gn_over_oracle_train_ratio_of_sums": float(gn_tr[ok].sum() / oracle[ok].sum()),
@@ -412,9 +428,20 @@ def main():
   p.add_argument("--seeds", type=int, default=4)
   p.add_argument("--parts", default="candidates,conv,search")
   p.add_argument("--search_seeds", type=int, default=3, help="seeds of the growth-search part")
+  p.add_argument("--reanalyse", default="",
+                 help="recompute the analysis of an existing results JSON from its stored rows "
+                      "(no training; rewrites that file)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "growth_quality.json"))
   args = p.parse_args()
+  if args.reanalyse:
+    with open(args.reanalyse, encoding="utf-8") as f:
+      report = json.load(f)
+    report["analysis"] = analyse(report["rows"], report["timing"], report["adam_same_time"])
+    with open(args.reanalyse, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1, default=float)
+    print(f"re-analysed {args.reanalyse}")
+    return
   seeds = 1 if args.quick else args.seeds
   train_steps = 100 if args.quick else 400
   parts = args.parts.split(",")
@@ -450,7 +477,8 @@ def main():
       print("λ sweep with the realised decrease after the line search on γ "
             f"{tuple(GAMMAS)}:")
       print(format_table(a["lambda_sweep_line_search"]))
-      print(f"chosen λ (line search) = {a['chosen_lambda_line_search']}")
+      print(f"chosen λ (line search) = {a['chosen_lambda_line_search']}; eligible λ with the "
+            f"best Spearman: {a['best_spearman_lambda_line_search']}")
       keys = ["gn_over_oracle_train_median", "gn_over_oracle_heldout_median",
               "relin_over_oracle_train_median", "relin_over_oracle_heldout_median",
               "gn_time_over_oracle", "relin_time_over_oracle",
