@@ -249,6 +249,7 @@ def analyse(rows, timing, same_time):
     oracle = np.array([max(r["oracle_train"], r["oracle_warm_train"]) for r in rs])
     oracle_ho = np.array([max(r["oracle_heldout"], r["oracle_warm_heldout"]) for r in rs])
     ks = np.array([r["k"] for r in rs])
+    seeds = np.array([r["seed"] for r in rs])
     ok = oracle > 1e-6
 
     def gn_site_agreement(lam):
@@ -277,6 +278,9 @@ def analyse(rows, timing, same_time):
             "median_real_over_pred": float(np.median(real[pred > 0] / pred[pred > 0])),
             "median_real_over_oracle": float(np.median(real[ok] / oracle[ok])),
             "trivial_k_spearman": _spearman(ks, real),
+            # Growth compares candidates of one network: the ranking within each seed network.
+            "spearman_within_seed": [_spearman(pred[seeds == sd], real[seeds == sd])
+                                     for sd in np.unique(seeds)],
             "where_to_grow_gn": gn_site_agreement(lam),
         })
       eligible = [l for l in out_rows if l["median_real_over_oracle"] >= 0.5]
