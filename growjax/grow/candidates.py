@@ -303,7 +303,7 @@ def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[i
   feats = fan_out_features(site, a, omega_shape)[:, 0, :]  # [n, D] (P = 1 for dense consumers)
   g_u = dc.g_u
   if delta_base is not None:  # gradient of the model at the offset point
-    g_u = g_u - jnp.sum(dc.gmat * delta_base[:, None, :], axis=-1)
+    g_u = g_u - jnp.sum(dc.gmat * delta_base[:, :, None], axis=1)  # G symmetric: dense_model
   d, width = feats.shape[-1], g_u.shape[-1]
   inv = 1.0 / dc.count
   n = feats.shape[0]
