@@ -136,6 +136,14 @@ def flat_j(parts):
   return jnp.concatenate(parts)
 
 
+def random_batch(rng, sizes, count):
+  """``count`` random models stacked along a leading axis, and random initial means."""
+  models = [random_model(rng, sizes, scale=rng.uniform(0.3, 3.0), zero_frac=rng.uniform(0, .6))
+            for _ in range(count)]
+  batch = jax.tree.map(lambda *a: jnp.asarray(np.stack([np.asarray(b) for b in a])), *models)
+  return batch, jnp.asarray(rng.normal(size=(count, sum(sizes[1:]))) * 3.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Exact posterior and ELBO.
 
@@ -283,11 +291,7 @@ def test_fm_bound_is_a_lower_bound_tight_in_the_means_and_maximised_by_the_step(
 def test_fm_objective_never_decreases_over_1000_random_instances():
   with jax.enable_x64(True):
     rng = np.random.default_rng(5)
-    sizes = (6, 4, 3)
-    models = [random_model(rng, sizes, scale=rng.uniform(0.3, 3.0), zero_frac=rng.uniform(0, .6))
-              for _ in range(1000)]
-    batch = jax.tree.map(lambda *a: jnp.asarray(np.stack([np.asarray(b) for b in a])), *models)
-    means0 = jnp.asarray(rng.normal(size=(1000, sum(sizes[1:]))) * 3.0)
+    batch, means0 = random_batch(rng, (6, 4, 3), 1000)
     solver = vi.forest_mixture()
 
     def one(model, m0):
@@ -319,14 +323,9 @@ def test_fm_line_search_is_monotone_and_beats_the_plain_fm_step():
     rng = np.random.default_rng(15)
     plain, searched = vi.forest_mixture(), vi.forest_mixture(line_search=True)
 
-    def batch_of(sizes, count):
-      models = [random_model(rng, sizes, scale=rng.uniform(0.3, 3.0),
-                             zero_frac=rng.uniform(0, .6)) for _ in range(count)]
-      return (jax.tree.map(lambda *a: jnp.asarray(np.stack([np.asarray(b) for b in a])), *models),
-              jnp.asarray(rng.normal(size=(count, sum(sizes[1:]))) * 3.0))
-
     def elbos(solver, model, m0, steps):
       state = solver.init(model, means=split(model, m0))
+
       def body(st, _):
         new = solver.step(model, st)
         return new, vi.state_elbo(model, new)
@@ -335,13 +334,13 @@ def test_fm_line_search_is_monotone_and_beats_the_plain_fm_step():
       return jnp.concatenate([vi.state_elbo(model, state)[None], out])
 
     # Deep models: the ELBO never decreases along the line-searched sweeps.
-    batch, m0 = batch_of((6, 4, 3), 300)
+    batch, m0 = random_batch(rng, (6, 4, 3), 300)
     trace = np.asarray(jax.jit(jax.vmap(lambda m, x: elbos(searched, m, x, 10)))(batch, m0))
     assert np.all(np.isfinite(trace))
     assert np.all(np.diff(trace, axis=1) >= -1e-9 * np.abs(trace[:, 1:]))
     # One latent layer: the searched step maximises the ELBO along the FM step, so from the same
     # point it is never worse than the FM step (alpha = 1), and strictly better somewhere.
-    batch, m0 = batch_of((6, 4), 300)
+    batch, m0 = random_batch(rng, (6, 4), 300)
     one = jax.jit(jax.vmap(lambda m, x: jnp.stack([elbos(plain, m, x, 1)[1],
                                                    elbos(searched, m, x, 1)[1]])))(batch, m0)
     one = np.asarray(one)

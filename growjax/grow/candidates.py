@@ -278,14 +278,20 @@ def dense_curvature(lin, loss: Loss, y: Array) -> DenseCurvature:
   return DenseCurvature(g_u, gmat, _count(lin.z))
 
 
+def _gmat_times(gmat: Array, d: Array) -> Array:
+  """``G_n δ_n`` per example: ``gmat`` [n, U, U] (symmetric), ``d`` [n, U] -> [n, U].
+
+  Summed over G's middle axis. The reduction over the minor axis, ``sum(gmat * d[:, None, :],
+  -1)``, jitted and vmapped over 3 sizes at n = 1024, U = 16 (the vs_gromo fast mode, padded)
+  returned a wrong value for the last size on XLA:CPU (jax 0.10.2;
+  test_dense_model_batched_over_sizes_equals_a_float64_oracle); this form is also faster.
+  """
+  return jnp.sum(gmat * d[:, :, None], axis=1)
+
+
 def dense_model(dc: DenseCurvature, d: Array) -> Array:
   """GN model of the loss change for a perturbation ``d`` [n, U] of ``u`` (no damping)."""
-  # G_n δ_n summed over G's middle axis (G_n is symmetric). The reduction over the minor axis,
-  # ``sum(gmat * d[:, None, :], -1)``, jitted and vmapped over 3 sizes at n = 1024, U = 16 (the
-  # vs_gromo fast mode, padded) returned a wrong value for the last size on XLA:CPU (jax 0.10.2;
-  # test_dense_model_batched_over_sizes_equals_a_float64_oracle); this form is also faster.
-  gd = jnp.sum(dc.gmat * d[:, :, None], axis=1)
-  return (jnp.sum(dc.g_u * d) + 0.5 * jnp.sum(d * gd)) / dc.count
+  return (jnp.sum(dc.g_u * d) + 0.5 * jnp.sum(d * _gmat_times(dc.gmat, d))) / dc.count
 
 
 def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[int, ...],
@@ -303,7 +309,7 @@ def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[i
   feats = fan_out_features(site, a, omega_shape)[:, 0, :]  # [n, D] (P = 1 for dense consumers)
   g_u = dc.g_u
   if delta_base is not None:  # gradient of the model at the offset point
-    g_u = g_u - jnp.sum(dc.gmat * delta_base[:, :, None], axis=1)  # G symmetric: dense_model
+    g_u = g_u - _gmat_times(dc.gmat, delta_base)
   d, width = feats.shape[-1], g_u.shape[-1]
   inv = 1.0 / dc.count
   n = feats.shape[0]
