@@ -314,8 +314,25 @@ def test_every_method_grows_through_the_same_round(digits_mlp, method):
   ops = [r["op"] for r in res.records]
   assert ops and ops[0] == ("split_units" if method == "net2net" else "add_units")
   assert tree.count(res.variables["params"]) > tree.count(v["params"])
-  if method in ("random", "net2net", "gradmax"):  # function-preserving at growth
+  if method in ("random", "net2net"):  # function-preserving at growth
     np.testing.assert_allclose(res.model.apply(res.variables, x), model.apply(v, x), atol=1e-5)
+  if method == "gradmax":  # nearly: small random fan-in (ε = 1e-2) times a 1e-2 fan-out
+    np.testing.assert_allclose(res.model.apply(res.variables, x), model.apply(v, x), atol=1e-3)
+
+
+def test_gradmax_units_are_alive_and_train(digits_mlp):
+  """GradMax's new ReLU units get a fan-in gradient (an exactly zero fan-in would leave them
+  dead: relu'(0) = 0, and the grown network would train exactly as the seed network)."""
+  model, v, x, y, _ = digits_mlp
+  cfg = grow.GrowConfig(method="gradmax", ks=(2,), sites=("hidden_0",))
+  res = grow.grow_round(grow.Searcher(XENT, cfg), model, v, x[:128], y[:128], damping=2e-3,
+                        rng=jax.random.key(0))
+  width = model.widths[0]
+  loss = lambda p: jnp.mean(XENT.value(res.model.apply({**res.variables, "params": p}, x), y))
+  g = jax.grad(loss)(res.variables["params"])
+  new_fan_in = g["hidden_0"]["kernel"][:, width:]
+  assert new_fan_in.shape[1] == 2
+  assert float(jnp.min(jnp.linalg.norm(new_fan_in, axis=0))) > 1e-4, new_fan_in
 
 
 def test_grower_schedule_and_stopping_rules(digits_mlp):

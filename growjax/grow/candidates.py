@@ -16,8 +16,11 @@ pre-activation by ``δ = fan_out(Ω, fan_in(Ψ, h))``. Methods (all fed by one `
 * ``tiny`` — TINY-style first-order least squares (Verbockhaven et al. 2024): the same model with
   ``JᵀH_zJ`` replaced by the identity in ``u``-space and the activation linearised, solved by
   alternating least squares (each half by CG).
-* ``gradmax`` — GradMax (Evci et al. 2022): ``Ψ = 0`` and ``Ω`` the top-k right singular vectors
-  of the map from one unit's fan-out to the gradient of its fan-in; scored by the gradient norm.
+* ``gradmax`` — GradMax (Evci et al. 2022): ``Ω`` the top-k right singular vectors of the map
+  from one unit's fan-out to the gradient of its fan-in at ``Ψ = 0``; scored by the gradient norm.
+  The fan-in is then set to a small random one (``gradmax_fan_in_scale`` × the initialiser's
+  draw, zero bias), as in the authors' implementation: an exactly zero fan-in would leave ReLU
+  units dead for good (``relu'(0) = 0``), so the grown network would train as the seed did.
 * ``random`` — the model's initialiser for ``Ψ``, ``Ω = 0``.
 * ``firefly`` — Firefly-style (Wu et al. 2020): a few real Adam steps on the candidate from a
   small random initialisation.
@@ -76,6 +79,7 @@ class LearnConfig(NamedTuple):
       refine it on the exact GN model — few are needed from this start).
     tiny_iters: alternating least-squares iterations of the TINY baseline.
     gradmax_scale: Frobenius norm of each GradMax fan-out column.
+    gradmax_fan_in_scale: GradMax's fan-in kernel is this times the initialiser's draw (bias 0).
     firefly_steps: real Adam steps of the Firefly baseline.
     firefly_lr: their learning rate.
     firefly_init_scale: scale of Firefly's random initial fan-out.
@@ -91,6 +95,7 @@ class LearnConfig(NamedTuple):
   psi_init: str = "random"
   tiny_iters: int = 8
   gradmax_scale: float = 1e-2
+  gradmax_fan_in_scale: float = 1e-2
   firefly_steps: int = 10
   firefly_lr: float = 1e-2
   firefly_init_scale: float = 1e-2
@@ -291,7 +296,7 @@ def _gmat_times(gmat: Array, d: Array) -> Array:
 
 def dense_model(dc: DenseCurvature, d: Array) -> Array:
   """GN model of the loss change for a perturbation ``d`` [n, U] of ``u`` (no damping)."""
-  return (jnp.sum(dc.g_u * d) + 0.5 * jnp.sum(d * _gmat_times(dc.gmat, d))) / dc.count
+  return (jnp.sum(dc.g_u * d) + 0.5 * jnp.sum(dc.gmat * (d[:, :, None] * d[:, None, :]))) / dc.count
 
 
 def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[int, ...],
@@ -322,7 +327,9 @@ def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[i
     keep = jnp.repeat(units.astype(mmat.dtype), width)  # [k U]: feature d is unit d
     mmat = mmat * keep[:, None] * keep[None, :]
     b = b * keep
-  x = jnp.linalg.solve(mmat + lam * jnp.eye(d * width, dtype=mmat.dtype), -b)
+  chol = jnp.linalg.cholesky(mmat + lam * jnp.eye(d * width, dtype=mmat.dtype))
+  tri = jax.scipy.linalg.solve_triangular
+  x = tri(chol, tri(chol, -b, lower=True), lower=True, trans=1)
   return {site.out_leaves[0].name: x.reshape(omega_shape)}
 
 
@@ -562,7 +569,7 @@ def learn_tiny(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omeg
 
 def learn_gradmax(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0: dict,
                   cfg: LearnConfig, units: Array | None = None) -> Learned:
-  """GradMax: zero fan-in, fan-out maximising the fan-in gradient norm (top-k SVD).
+  """GradMax: fan-out maximising the fan-in gradient norm at zero fan-in (top-k SVD).
 
   The map from one unit's fan-out ``ω`` to the gradient of the loss in its (linearised) fan-in
   at zero is linear; its top right singular vectors are the fan-outs that maximise the initial
@@ -602,7 +609,9 @@ def learn_gradmax(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, o
     sv = sv * units.astype(sv.dtype)
   omega = {name: jnp.concatenate([cols[i].reshape(unit_shape) for i in range(k)],
                                  axis=out_axis)}
-  psi = calibrated(site, {key: (jnp.zeros_like(v) if mask[key] else v)
+  small = lambda key, v: (cfg.gradmax_fan_in_scale * v if key.endswith("kernel")
+                          else jnp.zeros_like(v))
+  psi = calibrated(site, {key: (small(key, v) if mask[key] else v)
                           for key, v in psi0.items()}, h)
   pred = -gn_model(lin, loss, y, candidate_delta(site, psi, omega, h, units=units))
   return Learned(psi, omega, pred, jnp.sum(sv))
