@@ -3,8 +3,9 @@
 ``Grower`` is called after every training step; when the schedule says so (every N steps, or
 when validation loss plateaus) it draws a statistics batch, runs ``grow_round`` and returns the
 grown model to the loop (which carries the optimizer state across with ``transplant``). It stops
-at a parameter budget, a number of rounds, or when the best candidate's predicted gain per added
-parameter falls below a threshold (Lawton, Galstyan & Ver Steeg 2024, arXiv:2411.05855). Every
+at a parameter budget, a number of rounds, when the best candidate's predicted gain per added
+parameter falls below a threshold, or when the validation loss has stopped improving between
+rounds (Lawton, Galstyan & Ver Steeg 2024, arXiv:2411.05855). Every
 round appends a row (params, FLOPs, train loss, validation accuracy, predicted and realised ΔL,
 λ, seconds) to ``rows`` and, with a workdir, to ``growth.jsonl``.
 """
@@ -48,6 +49,10 @@ class Schedule:
       better for generalisation: candidates are fitted to this batch, and on digits statistics
       over the whole training set (1,257) instead of 512 examples lowered the grown network's
       mean validation loss over 3 seeds from 0.29 to 0.25 (BUILD_NOTES, growth quality).
+    val_patience: if > 0, stop growing once the validation loss measured at a round (before it
+      grows) has not improved on the best one measured at an earlier round for this many rounds:
+      more capacity has stopped helping on held-out data, and the remaining steps train the
+      network at its size (early stopping of growth; the training itself goes on).
   """
   every: int = 200
   warmup: int = 0
@@ -58,9 +63,11 @@ class Schedule:
   max_params: int | None = None
   min_gain_per_param: float = 0.0
   stats_batch: int = 2048
+  val_patience: int = 0
 
   def validate(self) -> None:
-    if self.every < 0 or self.max_rounds < 0 or self.stats_batch <= 0:
+    if (self.every < 0 or self.max_rounds < 0 or self.stats_batch <= 0
+        or self.val_patience < 0):
       raise ValueError(f"Schedule fields must be non-negative (stats_batch positive): {self}.")
     if self.every == 0 and self.plateau_patience == 0:
       raise ValueError("Schedule: set every > 0 or plateau_patience > 0, or nothing grows.")
@@ -82,6 +89,8 @@ class Grower:
     self.writer = MetricWriter(workdir, "growth") if workdir is not None else None
     self._best_val = np.inf
     self._stale = 0
+    self._best_round_val = np.inf
+    self._stale_rounds = 0
 
   def _due(self, step: int, model: nn.Module, state: TrainState) -> bool:
     s = self.schedule
@@ -99,6 +108,19 @@ class Grower:
         self._stale = 0
         return True
     return False
+
+  def _no_val_progress(self, model: nn.Module, state: TrainState) -> bool:
+    """The ``val_patience`` rule, checked before a round; stops growth when it fires."""
+    val = float(evaluate(self.trainer.eval_step, model, state, self.data.val)["loss"])
+    if val < self._best_round_val:
+      self._best_round_val, self._stale_rounds = val, 0
+      return False
+    self._stale_rounds += 1
+    if self._stale_rounds < self.schedule.val_patience:
+      return False
+    self._stop(f"validation loss {val:.4g} has not improved on {self._best_round_val:.4g} "
+               f"for {self._stale_rounds} round(s) (val_patience={self.schedule.val_patience})")
+    return True
 
   def _stop(self, reason: str) -> None:
     self.stopped = reason
@@ -118,6 +140,8 @@ class Grower:
       if budget <= 0:
         self._stop(f"reached max_params={s.max_params} ({params} parameters)")
         return None
+    if s.val_patience and self._no_val_progress(model, state):
+      return None
     t0 = time.perf_counter()
     idx = self.rng.choice(len(self.data.train), min(s.stats_batch, len(self.data.train)),
                           replace=False)
