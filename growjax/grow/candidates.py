@@ -296,7 +296,7 @@ def _gmat_times(gmat: Array, d: Array) -> Array:
 
 def dense_model(dc: DenseCurvature, d: Array) -> Array:
   """GN model of the loss change for a perturbation ``d`` [n, U] of ``u`` (no damping)."""
-  return (jnp.sum(dc.g_u * d) + 0.5 * jnp.sum(dc.gmat * (d[:, :, None] * d[:, None, :]))) / dc.count
+  return (jnp.sum(dc.g_u * d) + 0.5 * jnp.sum(d * _gmat_times(dc.gmat, d))) / dc.count
 
 
 def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[int, ...],
@@ -305,11 +305,25 @@ def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[i
 
   With features ``f_n`` [D] (``δ_n = Ωᵀ f_n``, ``Ω`` [D, U]) the model is quadratic in vec(Ω)
   with matrix ``M = Σ_n (f_n f_nᵀ) ⊗ G_n / count`` [DU, DU] and linear term
-  ``b = Σ_n f_n ⊗ g_n / count``; ``(M + λI) vec(Ω) = −b`` is solved directly.
+  ``b = Σ_n f_n ⊗ g_n / count``; ``(M + λI) vec(Ω) = −b`` is solved directly (Cholesky:
+  ``M + λI`` is positive definite; no pivoting, which XLA:CPU runs as a sequential loop).
 
   ``units`` (0/1 [k], for ``Ω`` [k, U]) masks units in ``M`` and ``b`` instead of in ``a``:
   the same solution, but ``M`` is then shared by every unit mask when the candidate sizes of a
   vmapped call share their activations.
+  """
+  return dense_fan_out_value(site, dc, a, omega_shape, damping, delta_base, units)[0]
+
+
+def dense_fan_out_value(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[int, ...],
+                        damping, delta_base: Array | None = None, units: Array | None = None
+                        ) -> tuple[dict, Array]:
+  """``dense_fan_out`` and the undamped GN model value of its solution, ``bᵀx + ½ xᵀMx``.
+
+  Without ``delta_base`` that value is ``dense_model(dc, δ)`` of the candidate's
+  ``δ_n = Ωᵀ f_n`` (up to float rounding) at the cost of one [DU, DU] matrix-vector product
+  instead of a pass over the per-example curvature [n, U, U]. With ``delta_base`` it omits the
+  constant ``−Σ g·δ_base + ½ Σ δ_baseᵀ G δ_base`` (divided by the count).
   """
   feats = fan_out_features(site, a, omega_shape)[:, 0, :]  # [n, D] (P = 1 for dense consumers)
   g_u = dc.g_u
@@ -330,7 +344,8 @@ def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[i
   chol = jnp.linalg.cholesky(mmat + lam * jnp.eye(d * width, dtype=mmat.dtype))
   tri = jax.scipy.linalg.solve_triangular
   x = tri(chol, tri(chol, -b, lower=True), lower=True, trans=1)
-  return {site.out_leaves[0].name: x.reshape(omega_shape)}
+  value = jnp.dot(b, x) + 0.5 * jnp.dot(x, mmat @ x)
+  return {site.out_leaves[0].name: x.reshape(omega_shape)}, value
 
 
 def svd_psi(site: Site, h: Array, psi0: Mapping[str, Array], dc: DenseCurvature,
@@ -485,9 +500,13 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
   def model_value(d):
     return dense_model(dc, d) if dense else gn_model(lin, loss, y, d)
 
+  # A dense consumer kernel [k, U]: the unit masks act in the solve, so the masked sizes of a
+  # vmapped call share their activations and M.
+  kernel_solve = dense and len(omega0[name].shape) == 2 and site.out_leaves[0].axis == 0
+
   def solve_omega(psi, omega_init, iters):
     shape = omega_init[name].shape
-    if dense and len(shape) == 2 and site.out_leaves[0].axis == 0:
+    if kernel_solve:
       a = activations(site, masked_psi(psi, psi_mask), h)  # units masked in the solve
       return dense_fan_out(site, dc, a, shape, damping, delta_base, units)
     a = activations(site, masked_psi(psi, psi_mask), h, units=units)
@@ -502,7 +521,14 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
     d = candidate_delta(site, psi, omega, h, units=units) - base
     return model_value(d) + 0.5 * damping * (psi_norm(site, psi, units) + _sq(omega))
 
-  omega = solve_omega(psi0, omega0, cfg.cg_iters)
+  # Without fan-in steps the candidate is the first solve's (balancing keeps δ), so its
+  # prediction is the solve's own model value: no further pass over the per-example curvature.
+  direct_pred = kernel_solve and delta_base is None and cfg.psi_steps == 0
+  if direct_pred:
+    a0 = activations(site, psi0, h)
+    omega, value0 = dense_fan_out_value(site, dc, a0, omega0[name].shape, damping, None, units)
+  else:
+    omega = solve_omega(psi0, omega0, cfg.cg_iters)
   if cfg.psi_init == "svd":
     psi0, omega = balanced(site, psi0, omega, h)
   opt = optax.adam(cfg.psi_lr)
@@ -530,7 +556,10 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
   if not dense:  # the dense solves are exact: the best Ω is already optimal for its Ψ
     omega = solve_omega(psi, omega, cfg.cg_iters)
   psi = calibrated(site, psi, h)
-  pred = -model_value(candidate_delta(site, psi, omega, h, units=units) - base)
+  if direct_pred:
+    pred = -value0
+  else:
+    pred = -model_value(candidate_delta(site, psi, omega, h, units=units) - base)
   return Learned(psi, omega, pred, pred)
 
 

@@ -147,10 +147,12 @@ class Searcher:
     self.loss = get_loss(loss)
     self.config = config
     self._cache: dict[Any, Any] = {}
-    # Per model config (bounded): padded model and pad widths; growth sites; learner inputs.
+    # Per model config (bounded): padded model and pad widths; growth sites; learner inputs;
+    # parameters / FLOPs per added unit.
     self._padded_models: dict[Any, tuple[nn.Module, tuple]] = {}
     self._sites: dict[Any, Mapping[str, Site]] = {}
     self._preps: dict[Any, dict] = {}
+    self._unit_costs_memo: dict[Any, tuple] = {}
 
   # -- compiled pieces ------------------------------------------------------------------------
 
@@ -383,10 +385,7 @@ class Searcher:
           psi={n: _fit_each(v, prep["psi_shapes"][n]) for n, v in learned.psi.items()},
           omega={n: _fit_each(v, prep["om_shapes"][n]) for n, v in learned.omega.items()})
     seconds = (time.perf_counter() - t0) / len(ks)
-    per_unit = site.params_per_unit(variables)
-    flops_unit = site.flops_per_unit(variables)
-    in_axes = {l.name: l.axis for l in site.in_leaves}
-    out_axes = {l.name: l.axis for l in site.out_leaves}
+    per_unit, flops_unit, in_axes, out_axes = self._unit_costs(model, name, site, variables)
     predicted = np.asarray(learned.predicted).tolist()
     score = np.asarray(learned.score).tolist()
     out = []
@@ -396,6 +395,19 @@ class Searcher:
       out.append(Candidate(site=name, k=k, method=method, psi=psi, omega=omega,
                            predicted=float(predicted[i]), score=float(score[i]),
                            params=per_unit * k, flops=flops_unit * k, seconds=seconds))
+    return out
+
+  def _unit_costs(self, model, name, site, variables) -> tuple[int, int, dict, dict]:
+    """Parameters and FLOPs per added unit and the unit axes of ``site``'s leaves (functions of
+    the model config only: memoised)."""
+    key = (model, name)
+    out = self._unit_costs_memo.get(key)
+    if out is None:
+      if len(self._unit_costs_memo) > 256:
+        self._unit_costs_memo.clear()
+      out = self._unit_costs_memo[key] = (
+          site.params_per_unit(variables), site.flops_per_unit(variables),
+          {l.name: l.axis for l in site.in_leaves}, {l.name: l.axis for l in site.out_leaves})
     return out
 
   def fused_candidates(self, model, variables, x, y, names: Sequence[str], ks: Sequence[int],
@@ -409,7 +421,9 @@ class Searcher:
     needs another learner first (``psi_init="tiny"``). The statistics' linearisations
     (``Stats.sites[n].lin``, the upper network's cached vjp) are returned only where a later
     step reads them (``GrowConfig.relinearize``); otherwise they are None and the compiled call
-    does not write them out. ``Stats.x`` / ``y`` are the given ``x`` / ``y``.
+    does not write them out. ``Stats.x`` / ``y`` are the given ``x`` / ``y``; ``Stats.loss`` is
+    a host (numpy) scalar: it comes back with the candidates in one transfer (the compiled call
+    packs the mean loss and every learned array into one flat array when they share a dtype).
     """
     t0 = time.perf_counter()
     lmodel, lvars = view or (model, variables)
@@ -418,6 +432,7 @@ class Searcher:
                               view=view) for n in names}
     loss = self.loss
     keep_lin = self.config.relinearize > 0
+    layout: dict[str, Any] = {}  # filled when the call is traced: how the host output is packed
 
     def build():
       stats_fn = make_stats_fn(lmodel, loss, names)
@@ -428,19 +443,29 @@ class Searcher:
         learned = {n: learners[n](v, st.sites[n], x, y, psi0s[n], om0s[n], lam, None, units,
                                   masks[n]) for n in names}
         sites = {n: SiteStats(ss.h, ss.lin if keep_lin else None) for n, ss in st.sites.items()}
-        return st._replace(x=None, y=None, sites=sites), learned
-      return jax.jit(f)
+        leaves, treedef = jax.tree.flatten((st.loss, learned))
+        packed = len({l.dtype for l in leaves}) == 1
+        layout.update(treedef=treedef, shapes=[l.shape for l in leaves], packed=packed)
+        host = jnp.concatenate([l.reshape(-1) for l in leaves]) if packed else (st.loss, learned)
+        return st._replace(x=None, y=None, sites=sites), host
+      return jax.jit(f), layout
 
-    fn = self._jit(("fused", lmodel, names, method, keep_lin), build)
+    fn, layout = self._jit(("fused", lmodel, names, method, keep_lin), build)
     units = next(iter(preps.values()))["units"]
-    stats, learned = fn(lvars, x, y, {n: p["psi0"] for n, p in preps.items()},
-                        {n: p["om0"] for n, p in preps.items()}, np.asarray(damping, np.float32),
-                        units, {n: p["psi_mask"] for n, p in preps.items()})
-    learned = jax.device_get(learned)
+    stats, host = fn(lvars, x, y, {n: p["psi0"] for n, p in preps.items()},
+                     {n: p["om0"] for n, p in preps.items()}, np.asarray(damping, np.float32),
+                     units, {n: p["psi_mask"] for n, p in preps.items()})
+    host = jax.device_get(host)
+    if layout["packed"]:
+      sizes = [math.prod(shape) for shape in layout["shapes"]]
+      parts = np.split(host, np.cumsum(sizes)[:-1])
+      host = jax.tree.unflatten(layout["treedef"], [
+          part.reshape(shape) for part, shape in zip(parts, layout["shapes"])])
+    base_loss, learned = host
     cands = []
     for n in names:
       cands += self._finish(model, variables, n, ks, method, preps[n], learned[n], t0)
-    return stats._replace(x=x, y=y), cands
+    return stats._replace(x=x, y=y, loss=base_loss), cands
 
   def candidate(self, model, variables, stats: Stats, name: str, k: int, method: str,
                 damping: float, rng, psi0=None, omega0=None, view=None) -> Candidate:
