@@ -673,3 +673,54 @@ def test_prepared_from_another_solver_or_with_a_state_is_rejected():
       vi.solve(fm, model, state=fm.init(model), prepared=fm.prepare(model))
     with pytest.raises(ValueError, match="DEFPrepared"):
       fm.init(model, prepared=fm.prepare(model).precision)
+
+
+def test_fused_preparation_matches_the_precision_and_curvature_oracles():
+  """The parallel methods read Lam and P off their update coefficients (one gather of 1/s_c);
+  every layout (dense, sparse gathered / scattered, forest) and mixture rule against the dense
+  oracle, and the ELBO offset's grouped log-sum against numpy."""
+  from growjax.vi.deep_exponential import _gather_transposed, _sum_log
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(31)
+    models = {"dense": random_model(rng, (7, 5, 3)),
+              "sparse": random_model(rng, (7, 5, 3), sparse=True),
+              "gathered": vi.forest_like_model(0.3, num_children=60, num_parents=30, seed=1),
+              "forest": vi.forest_like_model(0.0, num_children=60, num_parents=30, seed=1)}
+    assert _gather_transposed(models["gathered"].layout[0])
+    assert models["forest"].layout[0].parents_t.shape[0] == 1
+    for name, model in models.items():
+      lam = np.diag(posterior_precision(model)[0])
+      ws = dense_layers(model)
+      for mixture in vi.MIXTURES:
+        prepared = jax.jit(vi.forest_mixture(mixture=mixture).prepare)(model)
+        np.testing.assert_allclose(flat(prepared.precision), lam, rtol=1e-12, err_msg=name)
+        v = split(model, 1.0 / lam)
+        want = []
+        for l in range(1, model.num_layers + 1):
+          w, p = ws[l - 1], 1.0 / np.asarray(model.variances[l])
+          s_child = np.asarray(model.variances[l - 1])
+          for c in range(w.shape[0]):
+            u = {"abs_w_sqrt_v": np.abs(w[c]) * np.sqrt(v[l - 1]), "abs_w": np.abs(w[c]),
+                 "uniform": (w[c] != 0).astype(float)}[mixture]
+            for i in np.flatnonzero(w[c]):
+              p[i] += w[c, i] ** 2 / (u[i] / u.sum()) / s_child[c]
+          want.append(p)
+        np.testing.assert_allclose(flat(prepared.curvature), flat(want), rtol=1e-12,
+                                   err_msg=f"{name} {mixture}")
+        if name == "forest":  # pi = 1 on every edge: P = Lam
+          np.testing.assert_allclose(flat(prepared.curvature), lam, rtol=1e-12)
+      # The prepared ELBO offset: the ELBO from scratch at m = 0 minus its fit term.
+      zeros = [jnp.zeros(n) for n in model.sizes[1:]]
+      res = vi.residuals(model, zeros)
+      fit = sum(float(jnp.sum(jnp.square(r) / s)) for r, s in zip(res, model.variances))
+      assert float(prepared.elbo_offset) - 0.5 * fit == pytest.approx(
+          float(vi.elbo(model, zeros, prepared.variances)), rel=1e-13)
+    # Grouped log-sum: wide ranges, lengths that are not multiples of the group, float32.
+    for dtype, rtol in ((np.float64, 1e-13), (np.float32, 1e-5)):
+      parts = [np.exp(rng.uniform(-300, 300, 1001)), rng.uniform(1e-3, 1e3, 33),
+               np.array([1.0]), np.full(64, 2.0 ** -1000)]
+      if dtype == np.float32:
+        parts = [np.clip(p, 1e-37, 1e37) for p in parts[:3]]
+      want = sum(np.sum(np.log(p.astype(dtype).astype(np.float64))) for p in parts)
+      got = float(_sum_log(tuple(jnp.asarray(p, dtype) for p in parts)))
+      assert got == pytest.approx(want, rel=rtol, abs=rtol * 10), dtype

@@ -767,27 +767,33 @@ def fm_curvature(model: GaussianDEF, variances: Sequence[Array],
 
 
 def _fm_curvature_from(model: GaussianDEF, precision: tuple, coefficients: tuple,
-                      mixture: str = "abs_w_sqrt_v") -> tuple:
+                       mixture: str = "abs_w_sqrt_v") -> tuple:
   """``fm_curvature`` at ``v = 1/Lam`` from a solver's ``_parallel_coefficients``.
 
   ``|W_ci| / s_c = |coefficients|``, so the transposed product reads the prepared coefficients
-  (no second gather of ``1/s_c``). The ``"uniform"`` rule weighs edges by ``W^2`` and goes
-  through ``fm_curvature``.
+  (no second gather of ``1/s_c``). A forest layer (one parent slot after ``_compact_slots``) has
+  ``pi = 1`` on every edge under every rule, so there ``P = Lam``. The ``"uniform"`` rule weighs
+  edges by ``W^2`` and goes through ``fm_curvature``.
   """
-  if mixture == "uniform":
-    return fm_curvature(model, tuple(1.0 / p for p in precision), mixture)
   _check_mixture(mixture)
+  uniform = (fm_curvature(model, tuple(1.0 / p for p in precision), mixture)
+             if mixture == "uniform" else None)
   out = []
   for l in range(1, model.num_layers + 1):
-    lam = precision[l - 1]
-    if mixture == "abs_w_sqrt_v":
+    lam, lay = precision[l - 1], model.layout[l - 1]
+    if lay is not None and lay.parents_t.shape[0] == 1:
+      out.append(lam)
+    elif uniform is not None:
+      out.append(uniform[l - 1])
+    elif mixture == "abs_w_sqrt_v":
       root_v = jnp.sqrt(1.0 / lam)
       totals = _abs_matvec(model, l - 1, root_v, square=False)
       extra = _scaled_rmatvec(model, l - 1, coefficients[l - 1], totals, jnp.abs) / root_v
+      out.append(1.0 / model.variances[l] + extra)
     else:
       totals = _abs_matvec(model, l - 1, jnp.ones_like(lam), square=False)
       extra = _scaled_rmatvec(model, l - 1, coefficients[l - 1], totals, jnp.abs)
-    out.append(1.0 / model.variances[l] + extra)
+      out.append(1.0 / model.variances[l] + extra)
   return tuple(out)
 
 
@@ -885,7 +891,7 @@ def forest_likeness(model: GaussianDEF, mixture: str = "abs_w_sqrt_v") -> Array:
 
 
 def _sum_log(arrays: Sequence[Array]) -> Array:
-  """``sum log(a)`` over every entry of positive finite arrays, with one ``log`` per group.
+  """``sum log(a)`` over the entries of arrays of positive normal numbers, one ``log`` per group.
 
   ``a = m 2^e`` with ``m`` in ``[1/sqrt 2, sqrt 2)`` (``jnp.frexp``, recentred so that values
   near 1 give ``e = 0``: no cancellation between the two sums below), so
