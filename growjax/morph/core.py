@@ -23,6 +23,7 @@ optimizer state across the morphism (``growjax.train`` does this).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -37,9 +38,25 @@ from growjax.nets.sites import IN, OUT, Site, with_field
 Array = jax.Array
 
 
+# Growth sites and widened configs are functions of the model config (a hashable flax module):
+# memoised (bounded), since a growth step asks for them several times and building them costs
+# tens of microseconds each.
+_SITES_CACHE: dict[nn.Module, Mapping[str, Site]] = {}
+_WIDEN_CACHE: dict[tuple, nn.Module] = {}
+
+
+def _bounded_put(cache: dict, key, value):
+  if len(cache) > 256:
+    cache.clear()
+  cache[key] = value
+  return value
+
+
 def get_site(model: nn.Module, name: str) -> Site:
   """The growth site ``name`` of ``model``; a KeyError lists the sites that exist."""
-  sites = model.growth_sites()
+  sites = _SITES_CACHE.get(model)
+  if sites is None:
+    sites = _bounded_put(_SITES_CACHE, model, model.growth_sites())
   if name not in sites:
     raise KeyError(f"Unknown growth site {name!r} of {type(model).__name__}; available sites: "
                    f"{sorted(sites)}.")
@@ -48,11 +65,17 @@ def get_site(model: nn.Module, name: str) -> Site:
 
 def widen_field(model: nn.Module, field: tuple[str, int | None], new: int) -> nn.Module:
   """``model`` with the width at ``field`` (``(attribute, index)``) set to ``new``."""
+  key = (model, field, int(new))
+  out = _WIDEN_CACHE.get(key)
+  if out is not None:
+    return out
   attr, index = field
-  model = model.concrete()
+  concrete = model.concrete()
   if index is None:
-    return model.clone(**{attr: new})
-  return model.clone(**{attr: with_field(model.field_values(attr), index, new)})
+    out = concrete.clone(**{attr: new})
+  else:
+    out = concrete.clone(**{attr: with_field(concrete.field_values(attr), index, new)})
+  return _bounded_put(_WIDEN_CACHE, key, out)
 
 
 def check_site_shapes(variables, site: Site) -> None:
@@ -222,8 +245,14 @@ def add_units(model: nn.Module, variables, site: str, k: int, *, rng: Array,
   grown = tree.unflatten(flat)
   if s.preserve is not None:
     new_model, grown = s.preserve(new_model, grown, s.width, int(k))
-  rec = _record("add_units", s, variables, grown, k=int(k), old_width=s.width,
-                new_width=s.width + int(k), learned_fan_out=bool(fan_out))
+    rec = _record("add_units", s, variables, grown, k=int(k), old_width=s.width,
+                  new_width=s.width + int(k), learned_fan_out=bool(fan_out))
+  else:  # parameter counts from the shapes already at hand (the same as counting the trees)
+    count = lambda shapes: sum(math.prod(shp) for p, shp in shapes if p.startswith("params/"))
+    rec = {"op": "add_units",
+           "params_before": count((p, np.shape(a)) for p, a in flat_old.items()),
+           "params_after": count(want.items()), "site": s.name, "k": int(k),
+           "old_width": s.width, "new_width": s.width + int(k), "learned_fan_out": bool(fan_out)}
   return new_model, grown, rec
 
 
