@@ -382,8 +382,9 @@ def svd_psi(site: Site, h: Array, psi0: Mapping[str, Array], dc: DenseCurvature,
   if psi_mask is not None:
     m1 = {n: jax.lax.slice_in_dim(psi_mask[n], 0, 1, axis=axes[n]) for n in free0}
     phi = phi * jax.flatten_util.ravel_pytree(m1)[0].astype(phi.dtype)[None, :]
-  amat = phi.T @ phi / n
-  bmat = phi.T @ dc.g_u / dc.count  # [dim, U]
+  ab = phi.T @ jnp.concatenate([phi, dc.g_u], axis=1)  # one GEMM for A and B
+  amat = ab[:, :dim] / n
+  bmat = ab[:, dim:] / dc.count  # [dim, U]
   smat = jnp.mean(dc.gmat, axis=0) * (n / dc.count)
   # Whitening by Cholesky factors (any W with WᵀAW = I gives the same directions).
   chol_a = jnp.linalg.cholesky(amat + eps * jnp.max(jnp.diag(amat))
