@@ -56,11 +56,15 @@ from growjax.train.metrics import format_table  # noqa: E402
 
 LOSS = "softmax_cross_entropy"
 KS = (1, 2, 4, 8)
-LAMS = (3e-4, 1e-3, 3e-3, 1e-2)
+LAMS = (3e-4, 1e-3, 3e-3, 6e-3, 1e-2)
 LEARN = C.LearnConfig(psi_steps=40, psi_lr=0.1, oracle_steps=300, oracle_lrs=(3e-3, 1e-2, 3e-2))
 RELIN_ROUNDS = 4
+# Re-linearisation rounds start from the previous round's solution, so each refines the fan-in
+# with fewer Adam steps than the one-shot solve from scratch (``LEARN.psi_steps``).
+RELIN_LEARN = LEARN._replace(psi_steps=10)
 GAMMAS = grow.GrowConfig().gammas  # the growth loop's line search on the fan-out scale
 I_ONE = GAMMAS.index(1.0)
+VAL_PATIENCE = 1  # the growth search's validation stopping rule (growjax.grow.Schedule)
 
 
 def _timed(fn, reps=3):
@@ -130,6 +134,16 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
   timing = []
   searchers = {m: grow.Searcher(LOSS, grow.GrowConfig(method=m, learn=LEARN))
                for m in ("gn", "tiny", "gradmax", "oracle", "firefly")}
+  relin = grow.Searcher(LOSS, grow.GrowConfig(learn=RELIN_LEARN))
+
+  def relin_rounds(model, v, stats, c, lam):
+    """The GN candidate after 1, …, RELIN_ROUNDS re-linearisation rounds, each round's wall
+    time (seconds since the one-shot solution)."""
+    out, t0 = [], time.perf_counter()
+    for _ in range(RELIN_ROUNDS):
+      c = relin.relinearized(model, v, stats, c, 1, lam)
+      out.append((c, time.perf_counter() - t0))
+    return out
   compile_s = {}
   for seed in range(seeds):
     model, v, splits = seed_network(task, seed, train_steps)
@@ -159,7 +173,7 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
         lam_t = 1e-3
         ts = {"gn": [], "oracle": [], "relin": [], "ls": []}
         for c in gn.candidates(model, v, stats, name, KS, "gn", lam_t, key):
-          gn.relinearized(model, v, stats, c, RELIN_ROUNDS, lam_t)  # compile before timing
+          relin_rounds(model, v, stats, c, lam_t)  # compile before timing
           gn.real_losses(model, v, c, x, y, GAMMAS)
         for _ in range(1 if quick else 3):
           ts["gn"].append(_timed(lambda: gn.candidates(model, v, stats, name, KS, "gn", lam_t,
@@ -167,10 +181,8 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
           ts["oracle"].append(_timed(lambda: searchers["oracle"].candidates(
               model, v, stats, name, KS, "oracle", lam_t, key), reps=1)[1])
           cs = gn.candidates(model, v, stats, name, KS, "gn", lam_t, key)
-          t0 = time.perf_counter()
-          for c in cs:
-            gn.relinearized(model, v, stats, c, RELIN_ROUNDS, lam_t)
-          ts["relin"].append(time.perf_counter() - t0)
+          ts["relin"].append(np.sum([[t for _, t in relin_rounds(model, v, stats, c, lam_t)]
+                                     for c in cs], axis=0))  # cumulative per round
           t0 = time.perf_counter()
           for c in cs:
             gn.real_losses(model, v, c, x, y, GAMMAS)
@@ -178,7 +190,9 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
         timing.append({"task": task, "site": name,
                        "gn_s": float(np.median(ts["gn"])) / len(KS),
                        "oracle_s": float(np.median(ts["oracle"])) / len(KS),
-                       "relin_extra_s": float(np.median(ts["relin"])) / len(KS),
+                       "relin_extra_s": float(np.median(ts["relin"], axis=0)[-1]) / len(KS),
+                       "relin_extra_s_per_round": (np.median(ts["relin"], axis=0)
+                                                   / len(KS)).tolist(),
                        "line_search_s": float(np.median(ts["ls"])) / len(KS)})
       for i, k in enumerate(KS):
         o = orc[i]
@@ -205,12 +219,13 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
         row["oracle_warm_train"] = float(warm.score)
         row["oracle_warm_heldout"] = held_out_decrease(searchers["oracle"], model, v, warm, xv,
                                                        yv)
-        rel = gn.relinearized(model, v, stats, c, RELIN_ROUNDS, 1e-3)
-        d = line_searched(gn, model, v, rel, x, y, xv, yv)
-        row["relin_train"] = d["train"]
-        row["relin_train_ls"] = d["train_ls"]
-        row["relin_heldout"] = held_out_decrease(gn, model, v, rel, xv, yv)
-        row["relin_heldout_ls"] = d["heldout_ls"]
+        for r, (rel, _) in enumerate(relin_rounds(model, v, stats, c, 1e-3), 1):
+          d = line_searched(gn, model, v, rel, x, y, xv, yv)
+          suffix = "" if r == RELIN_ROUNDS else f"@r{r}"
+          row["relin_train" + suffix] = d["train"]
+          row["relin_train_ls" + suffix] = d["train_ls"]
+          row["relin_heldout" + suffix] = held_out_decrease(gn, model, v, rel, xv, yv)
+          row["relin_heldout_ls" + suffix] = d["heldout_ls"]
         rows.append(row)
   # Adam on the real loss given GN's wall time (firefly learner with that many steps).
   same_time = []
@@ -319,6 +334,20 @@ def analyse(rows, timing, same_time):
     or_s = float(np.mean([x["oracle_s"] for x in t])) if t else float("nan")
     rl_s = float(np.mean([x["relin_extra_s"] for x in t])) if t else float("nan")
     ls_s = float(np.mean([x["line_search_s"] for x in t])) if t else float("nan")
+    # Quality against cost after each re-linearisation round (older runs: the last round only).
+    relin_curve = []
+    for r in range(1, RELIN_ROUNDS + 1):
+      suffix = "" if r == RELIN_ROUNDS else f"@r{r}"
+      if "relin_train" + suffix not in rs[0] or not t or "relin_extra_s_per_round" not in t[0]:
+        continue
+      extra = float(np.mean([x["relin_extra_s_per_round"][r - 1] for x in t]))
+      tr = np.array([x["relin_train" + suffix] for x in rs])
+      tr_ls = np.array([x["relin_train_ls" + suffix] for x in rs])
+      relin_curve.append({
+          "rounds": r, "train_over_oracle_median": float(np.median(tr[ok] / oracle[ok])),
+          "train_ls_over_oracle_median": float(np.median(tr_ls[ok] / oracle[ok])),
+          "time_over_oracle": (gn_s + extra) / or_s,
+          "time_ls_over_oracle": (gn_s + extra + ls_s) / or_s})
     st = [x for x in same_time if x["task"] == task]
     same = []
     for x in st:
@@ -350,6 +379,7 @@ def analyse(rows, timing, same_time):
         "relin_ls_time_over_oracle": (gn_s + rl_s + ls_s) / or_s,
         "gn_time_over_oracle": gn_s / or_s,
         "relin_time_over_oracle": (gn_s + rl_s) / or_s,
+        "relin_curve": relin_curve,
         "gn_seconds_per_candidate": gn_s, "oracle_seconds_per_candidate": or_s,
         "adam_same_time_over_oracle_median": float(np.median([a for a, _ in same]))
         if same else None,
@@ -360,10 +390,11 @@ def analyse(rows, timing, same_time):
   return out
 
 
-def search_part(steps: int, quick: bool, seeds: int):
+def search_part(steps: int, quick: bool, seeds: int, val_patience: int):
   """Part 3: growth loops under the same training budget, and a fixed-size width sweep, over
   ``seeds`` seeds (initialisation and growth randomness; the data split is fixed). Single runs
-  differ by ±0.015 in validation accuracy, so methods are compared on seed means."""
+  differ by ±0.015 in validation accuracy, so methods are compared on seed means. Every growth
+  method runs under the same schedule, ``val_patience`` (the validation stopping rule) included."""
   splits = data.load_digits(seed=0)
   methods = ("gn", "gradmax", "tiny", "random")
   per_seed = {m: [] for m in methods}
@@ -377,18 +408,22 @@ def search_part(steps: int, quick: bool, seeds: int):
                             learn=C.LearnConfig(psi_steps=20, psi_lr=0.1))
       grower = grow.Grower(grow.Searcher(LOSS, cfg), splits, trainer,
                            grow.Schedule(every=steps // 13, warmup=steps // 13,
-                                         max_rounds=2 if quick else 10, max_params=4000),
+                                         max_rounds=2 if quick else 10, max_params=4000,
+                                         val_patience=val_patience),
                            seed=seed)
       state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx)
       res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64,
                       growth_hook=grower, plot=False, progress_every_s=1e9)
       val = train.evaluate(trainer.eval_step, res.model, res.state, splits.val)
+      test = train.evaluate(trainer.eval_step, res.model, res.state, splits.test)
       per_seed[method].append({
           "seed": seed,
           "curve": [{"params": r["params"], "val_loss": r["val_loss"],
                      "val_accuracy": r["val_accuracy"]} for r in grower.rows],
           "final_params": tree.count(res.state.params), "val_loss": val["loss"],
-          "val_accuracy": val["accuracy"], "widths": list(res.model.widths)})
+          "val_accuracy": val["accuracy"], "widths": list(res.model.widths),
+          "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+          "rounds": grower.rounds, "stopped": grower.stopped})
     for widths in ((8, 8), (16, 16), (32, 32), (64, 64)):
       model = nets.MLP(widths=widths)
       tx = optax.adam(3e-3)
@@ -397,28 +432,40 @@ def search_part(steps: int, quick: bool, seeds: int):
       res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64, plot=False,
                       progress_every_s=1e9)
       val = train.evaluate(trainer.eval_step, res.model, res.state, splits.val)
+      test = train.evaluate(trainer.eval_step, res.model, res.state, splits.test)
       fixed_runs.setdefault(tuple(widths), []).append(
           {"seed": seed, "params": tree.count(res.state.params), "val_loss": val["loss"],
-           "val_accuracy": val["accuracy"]})
+           "val_accuracy": val["accuracy"], "test_loss": test["loss"],
+           "test_accuracy": test["accuracy"]})
 
   def mean(runs, key):
     return float(np.mean([r[key] for r in runs]))
 
   results = {m: {"runs": runs, "final_params": mean(runs, "final_params"),
                  "val_loss": mean(runs, "val_loss"), "val_accuracy": mean(runs, "val_accuracy"),
+                 "test_loss": mean(runs, "test_loss"),
+                 "test_accuracy": mean(runs, "test_accuracy"),
                  "val_accuracy_spread": [min(r["val_accuracy"] for r in runs),
                                          max(r["val_accuracy"] for r in runs)],
                  "widths": [r["widths"] for r in runs]} for m, runs in per_seed.items()}
   fixed = [{"widths": list(w), "params": runs[0]["params"], "val_loss": mean(runs, "val_loss"),
-            "val_accuracy": mean(runs, "val_accuracy"), "runs": runs}
+            "val_accuracy": mean(runs, "val_accuracy"), "test_loss": mean(runs, "test_loss"),
+            "test_accuracy": mean(runs, "test_accuracy"), "runs": runs}
            for w, runs in fixed_runs.items()]
   best = max(fixed, key=lambda f: f["val_accuracy"])
   g = results["gn"]
   summary = {
       "seeds": seeds,
-      "best_fixed": {k: best[k] for k in ("widths", "params", "val_loss", "val_accuracy")},
+      "best_fixed": {k: best[k] for k in ("widths", "params", "val_loss", "val_accuracy",
+                                          "test_loss", "test_accuracy")},
       "gn_reaches_best_fixed_accuracy_with_fewer_params": bool(
           g["val_accuracy"] >= best["val_accuracy"] - 1e-9 and g["final_params"] < best["params"]),
+      # The validation split also decides when growth stops (val_patience): the test split is
+      # the unbiased comparison.
+      "gn_reaches_best_fixed_test_accuracy_with_fewer_params": bool(
+          g["test_accuracy"] >= best["test_accuracy"] - 1e-9
+          and g["final_params"] < best["params"]),
+      "mean_test_accuracy": {m: results[m]["test_accuracy"] for m in methods},
       "mean_val_loss": {m: results[m]["val_loss"] for m in methods},
       "mean_params": {m: results[m]["final_params"] for m in methods},
       "val_loss_rank": sorted(methods, key=lambda m: results[m]["val_loss"]),
@@ -432,6 +479,9 @@ def main():
   p.add_argument("--seeds", type=int, default=4)
   p.add_argument("--parts", default="candidates,conv,search")
   p.add_argument("--search_seeds", type=int, default=3, help="seeds of the growth-search part")
+  p.add_argument("--val_patience", type=int, default=VAL_PATIENCE,
+                 help="growth-search schedule: stop growing after this many rounds without a "
+                      "better validation loss (0: off)")
   p.add_argument("--reanalyse", default="",
                  help="recompute the analysis of an existing results JSON from its stored rows "
                       "(no training; rewrites that file)")
@@ -450,7 +500,8 @@ def main():
   train_steps = 100 if args.quick else 400
   parts = args.parts.split(",")
   report = {"config": {"ks": KS, "lambdas": LAMS, "learn": LEARN._asdict(),
-                       "relinearize_rounds": RELIN_ROUNDS, "seeds": seeds,
+                       "relinearize_rounds": RELIN_ROUNDS,
+                       "relinearize_psi_steps": RELIN_LEARN.psi_steps, "seeds": seeds,
                        "train_steps": train_steps, "devices": str(jax.devices())}}
   rows, timing, same, compile_s = [], [], [], {}
   t0 = time.time()
@@ -492,16 +543,21 @@ def main():
               "adam_same_time_over_oracle_median", "gn_seconds_per_candidate",
               "oracle_seconds_per_candidate"]
       print(format_table([{k: a[k] for k in keys}]))
+      if a["relin_curve"]:
+        print(f"re-linearisation rounds ({RELIN_LEARN.psi_steps} fan-in steps each):")
+        print(format_table(a["relin_curve"]))
   if "search" in parts:
     results, fixed, summary = search_part(400 if args.quick else 2000, args.quick,
-                                          1 if args.quick else args.search_seeds)
+                                          1 if args.quick else args.search_seeds,
+                                          args.val_patience)
+    summary["val_patience"] = args.val_patience
     report["search"] = {"methods": results, "fixed": fixed, "summary": summary}
     print("\n== growth search (digits, same training budget):")
     print(format_table([{"method": m, "params": r["final_params"], "val_loss": r["val_loss"],
-                         "val_accuracy": r["val_accuracy"], "widths": r["widths"]}
-                        for m, r in results.items()]))
-    print(format_table([{k: f[k] for k in ("widths", "params", "val_loss", "val_accuracy")}
-                        for f in fixed]))
+                         "val_accuracy": r["val_accuracy"], "test_accuracy": r["test_accuracy"],
+                         "widths": r["widths"]} for m, r in results.items()]))
+    print(format_table([{k: f[k] for k in ("widths", "params", "val_loss", "val_accuracy",
+                                           "test_accuracy")} for f in fixed]))
     print(summary)
   report["seconds"] = time.time() - t0
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -40,10 +40,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "max_morphisms": 2, "damping": 2e-3, "adapt_damping": True, "relinearize": 0,
       "fan_out_solver": "cg", "psi_steps": 20, "psi_lr": 3e-2, "psi_init": "random",
       "gammas": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)})
-  # When to grow (growjax.grow.Schedule).
+  # When to grow (growjax.grow.Schedule). val_patience=1: stop growing at the first round whose
+  # validation loss is no better than at an earlier round (the training goes on).
   c.schedule = ml_collections.ConfigDict({
       "every": 150, "warmup": 150, "plateau_patience": 0, "max_rounds": 10,
-      "max_params": 4000, "min_gain_per_param": 0.0, "stats_batch": 2048})
+      "max_params": 4000, "min_gain_per_param": 0.0, "stats_batch": 2048, "val_patience": 1})
   # Fixed-size baselines trained for the same number of steps (the width sweep).
   c.baselines = ml_collections.ConfigDict({"widths": ((8, 8), (16, 16), (32, 32), (64, 64)),
                                            "enabled": True})
@@ -86,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.schedule.warmup = 20
     c.schedule.max_rounds = 2
     c.schedule.stats_batch = 128
+    c.schedule.val_patience = 0
     c.baselines.widths = ((4,), (8,))
   else:
     raise ValueError(f"Unknown variant {arg!r}; see the docstring for the list.")
