@@ -88,6 +88,29 @@ def test_dense_fan_out_solve_equals_dense_hessian_solve(digits_mlp):
                                float(C.gn_model(ss.lin, XENT, y, d)), rtol=1e-4)
 
 
+def test_fast_fused_prediction_is_the_gn_model_of_the_returned_candidate(digits_mlp):
+  """The fast mode's prediction (the dense solve's own model value, padded and fused) equals the
+  matrix-free GN model of the returned (unpadded, balanced) candidate on the unpadded network,
+  for every site and size; the returned loss is the statistics batch's mean loss."""
+  model, v, x, y, _ = digits_mlp
+  ks = (1, 2, 4)
+  s = grow.Searcher(XENT, grow.GrowConfig(ks=ks, width_bucket=16, fused=True, learn=_fast()))
+  names = s.site_names(model)
+  stats, cands = s.fused_candidates(model, v, x, y, names, ks, "gn", 2e-3,
+                                    {n: jax.random.key(0) for n in names},
+                                    view=s.padded(model, v))
+  ref = _searcher().stats(model, v, x, y, names)  # unpadded, matrix-free linearisation
+  np.testing.assert_allclose(float(stats.loss), float(ref.loss), rtol=1e-5)
+  assert sorted((c.site, c.k) for c in cands) == sorted((n, k) for n in names for k in ks)
+  sites = model.growth_sites()
+  for c in cands:
+    ss = ref.sites[c.site]
+    d = C.candidate_delta(sites[c.site], c.psi, c.omega, ss.h)
+    want = -float(C.gn_model(ss.lin, XENT, y, d))
+    assert want > 0
+    np.testing.assert_allclose(c.predicted, want, rtol=1e-4, atol=1e-7)
+
+
 def test_kfac_fan_out_equals_cg_where_the_factorisation_is_exact():
   """Consumer = head (J_u = I) and squared error (H = I): E[aaᵀ ⊗ I] = A ⊗ I exactly."""
   model = nets.MLP(input_dim=5, widths=(4,), num_outputs=3)
