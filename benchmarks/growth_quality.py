@@ -129,13 +129,14 @@ def line_searched(s, model, v, cand, x, y, xv, yv) -> dict:
           "heldout_ls": held_out_decrease(s, model, v, cand, xv, yv, float(GAMMAS[best]))}
 
 
-def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, quick: bool):
+def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, quick: bool,
+                    relin_learn: C.LearnConfig = RELIN_LEARN):
   """Part 1 (and 2 for task='conv'): every candidate of every method, with timings."""
   rows = []
   timing = []
   searchers = {m: grow.Searcher(LOSS, grow.GrowConfig(method=m, learn=LEARN))
                for m in ("gn", "tiny", "gradmax", "oracle", "firefly")}
-  relin = grow.Searcher(LOSS, grow.GrowConfig(learn=RELIN_LEARN))
+  relin = grow.Searcher(LOSS, grow.GrowConfig(learn=relin_learn))
 
   def relin_rounds(model, v, stats, c, lam):
     """The GN candidate after 1, …, RELIN_ROUNDS re-linearisation rounds, each round's wall
@@ -483,6 +484,8 @@ def main():
   p.add_argument("--val_patience", type=int, default=VAL_PATIENCE,
                  help="growth-search schedule: stop growing after this many rounds without a "
                       "better validation loss (0: off)")
+  p.add_argument("--relin_psi_steps", type=int, default=RELIN_LEARN.psi_steps,
+                 help="fan-in Adam steps in each re-linearisation round")
   p.add_argument("--reanalyse", default="",
                  help="recompute the analysis of an existing results JSON from its stored rows "
                       "(no training; rewrites that file)")
@@ -500,21 +503,23 @@ def main():
   seeds = 1 if args.quick else args.seeds
   train_steps = 100 if args.quick else 400
   parts = args.parts.split(",")
+  relin_learn = LEARN._replace(psi_steps=args.relin_psi_steps)
   report = {"config": {"ks": KS, "lambdas": LAMS, "learn": LEARN._asdict(),
                        "relinearize_rounds": RELIN_ROUNDS,
-                       "relinearize_psi_steps": RELIN_LEARN.psi_steps, "seeds": seeds,
+                       "relinearize_psi_steps": args.relin_psi_steps, "seeds": seeds,
                        "train_steps": train_steps, "devices": str(jax.devices())}}
   rows, timing, same, compile_s = [], [], [], {}
   t0 = time.time()
   if "candidates" in parts:
     for task in ("digits", "teacher"):
-      r, t, s, c = candidates_part(task, seeds, train_steps, 512, args.quick)
+      r, t, s, c = candidates_part(task, seeds, train_steps, 512, args.quick, relin_learn)
       rows += r
       timing += t
       same += s
       compile_s.update({f"{task}/{k}": v for k, v in c.items()})
   if "conv" in parts:
-    r, t, s, c = candidates_part("conv", max(1, seeds // 2), train_steps, 256, args.quick)
+    r, t, s, c = candidates_part("conv", max(1, seeds // 2), train_steps, 256, args.quick,
+                                 relin_learn)
     rows += r
     timing += t
     same += s
@@ -545,7 +550,7 @@ def main():
               "oracle_seconds_per_candidate"]
       print(format_table([{k: a[k] for k in keys}]))
       if a["relin_curve"]:
-        print(f"re-linearisation rounds ({RELIN_LEARN.psi_steps} fan-in steps each):")
+        print(f"re-linearisation rounds ({args.relin_psi_steps} fan-in steps each):")
         print(format_table(a["relin_curve"]))
   if "search" in parts:
     results, fixed, summary = search_part(400 if args.quick else 2000, args.quick,
