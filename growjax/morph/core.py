@@ -23,6 +23,7 @@ optimizer state across the morphism (``growjax.train`` does this).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -39,43 +40,30 @@ Array = jax.Array
 
 
 # Growth sites and widened configs are functions of the model config (a hashable flax module):
-# memoised (bounded), since a growth step asks for them several times and building them costs
-# tens of microseconds each.
-_SITES_CACHE: dict[nn.Module, Mapping[str, Site]] = {}
-_WIDEN_CACHE: dict[tuple, nn.Module] = {}
-
-
-def _bounded_put(cache: dict, key, value):
-  if len(cache) > 256:
-    cache.clear()
-  cache[key] = value
-  return value
+# memoised, since a growth step asks for them several times and building them costs tens of
+# microseconds each.
+@functools.lru_cache(maxsize=256)
+def _sites(model: nn.Module) -> Mapping[str, Site]:
+  return model.growth_sites()
 
 
 def get_site(model: nn.Module, name: str) -> Site:
   """The growth site ``name`` of ``model``; a KeyError lists the sites that exist."""
-  sites = _SITES_CACHE.get(model)
-  if sites is None:
-    sites = _bounded_put(_SITES_CACHE, model, model.growth_sites())
+  sites = _sites(model)
   if name not in sites:
     raise KeyError(f"Unknown growth site {name!r} of {type(model).__name__}; available sites: "
                    f"{sorted(sites)}.")
   return sites[name]
 
 
+@functools.lru_cache(maxsize=256)
 def widen_field(model: nn.Module, field: tuple[str, int | None], new: int) -> nn.Module:
-  """``model`` with the width at ``field`` (``(attribute, index)``) set to ``new``."""
-  key = (model, field, int(new))
-  out = _WIDEN_CACHE.get(key)
-  if out is not None:
-    return out
+  """``model`` with the width at ``field`` (``(attribute, index)``) set to ``new`` (memoised)."""
   attr, index = field
   concrete = model.concrete()
   if index is None:
-    out = concrete.clone(**{attr: new})
-  else:
-    out = concrete.clone(**{attr: with_field(concrete.field_values(attr), index, new)})
-  return _bounded_put(_WIDEN_CACHE, key, out)
+    return concrete.clone(**{attr: new})
+  return concrete.clone(**{attr: with_field(concrete.field_values(attr), index, new)})
 
 
 def check_site_shapes(variables, site: Site) -> None:
