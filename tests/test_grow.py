@@ -365,7 +365,7 @@ def test_grower_schedule_and_stopping_rules(digits_mlp):
   s = grow.Searcher(XENT, grow.GrowConfig(ks=(2,), learn=C.LearnConfig(psi_steps=2)))
   grower = grow.Grower(s, d, trainer, grow.Schedule(every=10, warmup=10, max_rounds=2,
                                                     stats_batch=128), seed=0)
-  state = train.create_state(v, tx)
+  state = train.create_state(jax.tree.map(jnp.copy, v), tx)  # fit donates: keep the fixture
   res = train.fit(model, state, trainer, d, steps=45, batch_size=32, growth_hook=grower,
                   plot=False)
   assert grower.rounds == 2 and grower.stopped == "reached max_rounds=2"

@@ -1,4 +1,7 @@
-"""growjax.grow.Grower: the validation stopping rule of the growth schedule."""
+"""growjax.grow.Grower: the validation stopping rule of the growth schedule.
+
+Its own seed network: test_grow.py's module fixture is donated by an earlier ``train.fit``.
+"""
 
 import jax
 import optax
