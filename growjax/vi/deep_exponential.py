@@ -56,6 +56,22 @@ form on each iteration; the methods differ in how they move the means:
   wherever a child has several comparable parents, so the plain step is short there (on the
   benchmark model with ``eps = 1`` the eigenvalues of ``P^-1 Lam`` lie in [0.04, 0.60]); the
   search lengthens it at the cost of a few reductions, stays monotone and exact on forests.
+* ``fm_cg``: conjugate FM directions (growjax's extension;
+  ``forest_mixture(line_search=True, conjugate=True)``). At the optimal variances the ELBO is a
+  concave quadratic in the means with Hessian ``-Lam``, and ``P`` is an SPD preconditioner
+  (exact, ``P = Lam``, on a one-latent-layer forest). ``fm_ls`` is preconditioned steepest
+  ascent with exact line search; ``fm_cg`` is preconditioned conjugate gradients: with
+  ``z_t = g_t / P`` and ``rho_t = g_t . z_t`` over all latent units,
+  ``d_t = z_t + (rho_t / rho_{t-1}) d_{t-1}`` (Fletcher-Reeves in the ``P^-1`` metric, which on a
+  quadratic with exact search is PCG), restarted at ``d_t = z_t`` when ``g_t . d_t <= 0``, then
+  ``m += alpha d_t`` with one ``alpha = g_t . d_t / d_t^T Lam d_t`` for all layers jointly
+  (``d^T Lam d = sum_l |d_l - W^l d_{l+1}|^2 / s_l``, ``d_0 = d_{L+1} = 0``; per-layer
+  ``alpha``s would break conjugacy). The gradient of every layer is taken at the same point, so
+  a sweep is not bottom-up Gauss-Seidel over layers as in ``fm`` / ``fm_ls``; with one latent
+  layer the first step equals ``fm_ls``'s, so a forest still converges in one iteration. Same
+  sparse products per iteration as ``fm_ls`` (``W^T r`` for the gradient, ``W d`` for the
+  curvature along ``d``); ``d_{t-1}`` and ``rho_{t-1}`` are carried in ``DEFState.memory``.
+  Monotone: ``alpha`` maximises the ELBO along an ascent direction.
 
 All updates are vectorised over a layer; layers are swept bottom-up (``1..L``). Everything is
 jit-able; the caller jits (e.g. ``jax.jit(functools.partial(solve, solver))(model)``).
@@ -82,7 +98,7 @@ from growjax.graphs import greedy_coloring
 
 Array = jax.Array
 
-METHODS = ("sequential", "parallel", "block", "fm", "fm_ls")
+METHODS = ("sequential", "parallel", "block", "fm", "fm_ls", "fm_cg")
 MIXTURES = ("abs_w_sqrt_v", "abs_w", "uniform")
 CRITERIA = ("elbo", "means")
 
@@ -191,12 +207,15 @@ class DEFState(NamedTuple):
       (``r_L = m_L - b^L``).
     prepared: the solver's ``DEFPrepared`` (model-only; does not change along a solve).
     iteration: number of iterations taken (int scalar).
+    memory: method-specific carried quantities: ``None``, or for ``fm_cg`` a ``CGMemory`` (the
+      previous direction and ``g^T P^-1 g``).
   """
   means: tuple
   variances: tuple
   residuals: tuple
   prepared: DEFPrepared
   iteration: Array
+  memory: Any = None
 
   @property
   def precision(self) -> tuple:
@@ -207,6 +226,18 @@ class DEFState(NamedTuple):
   def curvature(self) -> tuple:
     """``L`` arrays ``[n_l]``: the per-unit divisor of a parallel update."""
     return self.prepared.curvature
+
+
+class CGMemory(NamedTuple):
+  """What ``fm_cg`` carries from one iteration to the next.
+
+  Attributes:
+    direction: ``L`` arrays ``[n_l]``: the previous search direction ``d_{t-1}`` (zeros at the
+      start, so the first direction is ``P^-1 g``).
+    rho: scalar ``g_{t-1}^T P^-1 g_{t-1}`` (1 at the start: any positive value, ``d`` is 0).
+  """
+  direction: tuple
+  rho: Array
 
 
 class DEFSolver(NamedTuple):
@@ -964,7 +995,9 @@ def _check_prepared(prepared: DEFPrepared, tag: str) -> None:
                      f"{tag!r}; build it with this solver's prepare(model).")
 
 
-def _make_init(tag: str, prepare: Callable[[GaussianDEF], DEFPrepared]):
+def _make_init(tag: str, prepare: Callable[[GaussianDEF], DEFPrepared],
+               memory_fn: Callable[[GaussianDEF], Any] | None = None):
+  """``init`` of a method; ``memory_fn(model)`` builds its initial ``DEFState.memory``."""
   def init(model: GaussianDEF, means: Sequence[Array] | None = None,
            variances: Sequence[Array] | None = None,
            prepared: DEFPrepared | None = None) -> DEFState:
@@ -984,18 +1017,20 @@ def _make_init(tag: str, prepare: Callable[[GaussianDEF], DEFPrepared]):
     else:
       variances = tuple(jnp.asarray(v, dtype) for v in variances)
     return DEFState(means=means, variances=variances, residuals=res, prepared=prepared,
-                    iteration=jnp.zeros((), jnp.int32))
+                    iteration=jnp.zeros((), jnp.int32),
+                    memory=None if memory_fn is None else memory_fn(model))
   return init
 
 
-def _make_solver(name: str, tag: str, quantities_fn, step) -> DEFSolver:
+def _make_solver(name: str, tag: str, quantities_fn, step, memory_fn=None) -> DEFSolver:
   prepare = _make_prepare(tag, quantities_fn)
 
   def checked_step(model: GaussianDEF, state: DEFState) -> DEFState:
     _check_prepared(state.prepared, tag)
     return step(model, state)
 
-  return DEFSolver(init=_make_init(tag, prepare), step=checked_step, name=name, prepare=prepare)
+  return DEFSolver(init=_make_init(tag, prepare, memory_fn), step=checked_step, name=name,
+                   prepare=prepare)
 
 
 def _cavi_quantities(coefficient_fn: Callable[..., tuple]):
@@ -1116,6 +1151,59 @@ def _parallel_step(model: GaussianDEF, state: DEFState, line_search: bool = Fals
     below = model.x if l == 1 else means[l - 2]
     res[l - 1] = below - _matvec(model, l - 1, means[l - 1]) - model.biases[l - 1]
   return DEFState(tuple(means), prep.variances, tuple(res), prep, state.iteration + 1)
+
+
+def _cg_memory(model: GaussianDEF) -> CGMemory:
+  """``fm_cg``'s initial memory: no previous direction (the first step is ``P^-1 g``)."""
+  dtype = model.x.dtype
+  return CGMemory(direction=tuple(jnp.zeros((n,), dtype) for n in model.sizes[1:]),
+                  rho=jnp.ones((), dtype))
+
+
+def _conjugate_step(model: GaussianDEF, state: DEFState) -> DEFState:
+  """One ``fm_cg`` iteration: PCG on the means, preconditioner ``P``, exact joint line search.
+
+  ``g_l = -r_l / s_l + (W^{l-1})^T (r_{l-1} / s_{l-1})`` for every latent layer at the current
+  point; ``z = g / P``, ``rho = g.z``, ``d = z + (rho / rho_prev) d_prev`` (``d = z`` if that is
+  not an ascent direction), ``u_l = d_l - W^l d_{l+1}`` (the move of every residual per unit
+  step, ``d_0 = d_{L+1} = 0``), ``alpha = g.d / sum_l |u_l|^2 / s_l``; then
+  ``m += alpha d`` and ``r += alpha u`` (updated, not recomputed: the same products as
+  ``fm_ls``).
+  """
+  prep = state.prepared
+  memory = state.memory
+  if not isinstance(memory, CGMemory):
+    raise ValueError("fm_cg's state carries a CGMemory: build the state with this solver's "
+                     "init(model, ...).")
+  num_layers = model.num_layers
+  res = state.residuals
+  grads = [(-res[l] * prep.noise_precision[l]
+            + _scaled_rmatvec(model, l - 1, prep.coefficients[l - 1], res[l - 1]))
+           for l in range(1, num_layers + 1)]
+  # A division by P, not a product with its reciprocal (as _parallel_step: XLA:CPU otherwise
+  # duplicates the gradient's gather fusion into the consumers).
+  zs = [g / p for g, p in zip(grads, prep.curvature)]
+  rho = sum(jnp.sum(g * z) for g, z in zip(grads, zs))
+  beta = rho / memory.rho
+  dirs = [z + beta * d for z, d in zip(zs, memory.direction)]
+  slope = sum(jnp.sum(g * d) for g, d in zip(grads, dirs))
+  # Restart along P^-1 g if rounding made the conjugate direction a non-ascent one (or rho_prev
+  # underflowed); g.z = rho > 0 unless g = 0.
+  ascent = slope > 0
+  dirs = [jnp.where(ascent, d, z) for d, z in zip(dirs, zs)]
+  slope = jnp.where(ascent, slope, rho)
+  # u_l = d_l - W^l d_{l+1}: how each layer's residual moves per unit step (d_0 = 0: x is fixed).
+  moves = [-_matvec(model, 0, dirs[0])]
+  for l in range(1, num_layers):
+    moves.append(dirs[l - 1] - _matvec(model, l, dirs[l]))
+  moves.append(dirs[-1])
+  den = sum(jnp.sum(jnp.square(u) * q) for u, q in zip(moves, prep.noise_precision))
+  alpha = jnp.where(den > 0, slope / jnp.where(den > 0, den, 1.0), 0.0)
+  means = tuple(m + alpha * d for m, d in zip(state.means, dirs))
+  new_res = tuple(r + alpha * u for r, u in zip(res, moves))
+  # rho = 0 (at the optimum exactly): keep a positive rho_prev so that the next beta is finite.
+  memory = CGMemory(direction=tuple(dirs), rho=jnp.where(rho > 0, rho, 1.0))
+  return DEFState(means, prep.variances, new_res, prep, state.iteration + 1, memory)
 
 
 def _children_rows(model: GaussianDEF, l: int):
@@ -1280,7 +1368,8 @@ def parallel_cavi() -> DEFSolver:
   return _make_solver("parallel", "parallel", _parallel_quantities(None), _parallel_step)
 
 
-def forest_mixture(*, mixture: str = "abs_w_sqrt_v", line_search: bool = False) -> DEFSolver:
+def forest_mixture(*, mixture: str = "abs_w_sqrt_v", line_search: bool = False,
+                   conjugate: bool = False) -> DEFSolver:
   """Parallel updates on the forest mixture bound (monotone; exact in one step for a forest).
 
   Args:
@@ -1292,12 +1381,26 @@ def forest_mixture(*, mixture: str = "abs_w_sqrt_v", line_search: bool = False) 
       several comparable parents); the exact search along the same direction costs a few
       reductions per layer, keeps the ascent monotone (``alpha = 1`` is among the candidates)
       and leaves a forest's one-step convergence intact (there ``alpha = 1`` is the maximiser).
+    conjugate: conjugate FM directions (method ``"fm_cg"``, growjax's extension; needs
+      ``line_search=True``): preconditioned conjugate gradients on the means with ``P`` as the
+      preconditioner and one exact line search over all layers jointly (see the module
+      docstring). Its state carries the previous direction (``DEFState.memory``).
+
+  Raises:
+    ValueError: unknown mixture, or ``conjugate`` without ``line_search`` (conjugate directions
+      are only conjugate under the exact search).
   """
   _check_mixture(mixture)
+  if conjugate and not line_search:
+    raise ValueError("forest_mixture(conjugate=True) needs line_search=True: conjugate "
+                     "directions rely on the exact line search along each direction.")
 
   def curvature(model, precision, coefficients):
     return _fm_curvature_from(model, precision, coefficients, mixture)
 
+  if conjugate:
+    return _make_solver("fm_cg", f"fm(mixture={mixture},conjugate)",
+                        _parallel_quantities(curvature), _conjugate_step, _cg_memory)
   tag = f"fm(mixture={mixture}" + (",line_search)" if line_search else ")")
   return _make_solver("fm_ls" if line_search else "fm", tag, _parallel_quantities(curvature),
                       functools.partial(_parallel_step, line_search=line_search))
@@ -1409,7 +1512,8 @@ def make_solver(method: str, model: GaussianDEF | None = None, **kwargs) -> DEFS
 
   Args:
     method: one of ``METHODS``: ``"sequential"``, ``"parallel"``, ``"block"``, ``"fm"``,
-      ``"fm_ls"`` (``forest_mixture(line_search=True)``).
+      ``"fm_ls"`` (``forest_mixture(line_search=True)``), ``"fm_cg"``
+      (``forest_mixture(line_search=True, conjugate=True)``).
     model: needed for ``"block"`` unless ``blocks=`` is passed (its colouring).
     **kwargs: passed to the factory (``unroll``, ``buckets``, ``mixture``, ``line_search``,
       ``blocks``).
@@ -1425,6 +1529,8 @@ def make_solver(method: str, model: GaussianDEF | None = None, **kwargs) -> DEFS
     return forest_mixture(**kwargs)
   if method == "fm_ls":
     return forest_mixture(line_search=True, **kwargs)
+  if method == "fm_cg":
+    return forest_mixture(line_search=True, conjugate=True, **kwargs)
   if method == "block":
     if "blocks" not in kwargs:
       if model is None:
