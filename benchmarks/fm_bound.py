@@ -6,7 +6,11 @@ the forest mixture bound", arXiv:1805.06951 (METHODS.md §8, issue 5).
 Model: ``growjax.vi.forest_like_model(eps)``: 2000 observed children x 1000 Gaussian parents,
 each child with one strong parent (weight +-1) and 4 weak ones of relative scale ``eps``; every
 method in its sparse (child -> parent index) form, jitted end to end (init + iterations + the
-stopping rule in one ``lax.while_loop``).
+stopping rule in one ``lax.while_loop``). FM methods: ``fm`` (the paper's update: the
+maximiser of the FM bound, layer by layer), ``fm_ls`` (the FM step scaled per layer by the exact
+maximiser of the ELBO along it) and ``fm_cg`` (conjugate FM directions: preconditioned conjugate
+gradients on the means with the FM curvature as preconditioner and one exact line search; the
+last two are growjax's extensions, see ``growjax.vi.deep_exponential``).
 
 Timings per method, all wall time of the whole jitted solve:
 * ``rule``: until the solver's own stopping rule fires, relative ELBO change <= ``tol`` (1e-6).
@@ -437,8 +441,9 @@ def main(argv=None) -> dict:
   result["target"] = {"note": "met: end to end (preparation inside each solve); met_prepared: "
                               "repeated inference, model prepared once (amortised); met_batch: "
                               f"prepared, {args.batch} observation vectors per call. fm: the "
-                              "FM update; fm_ls: the FM step with an exact line search"}
-  for method in ("fm", "fm_ls"):
+                              "FM update; fm_ls: the FM step with an exact line search; fm_cg: "
+                              "conjugate FM directions (PCG, preconditioner P)"}
+  for method in ("fm", "fm_ls", "fm_cg"):
     ups = {key: speedups(method, key)
            for key in ("rule", "equal", "rule_warm", "prepared_rule", "batch_rule")}
     result["target"][method] = {
