@@ -406,3 +406,68 @@ def test_config_errors():
   resnet = nets.ResNet()
   with pytest.raises(ValueError, match="'stream' site"):
     grow.make_stats_fn(resnet, XENT, ("stage_0",))
+
+
+def test_lm_damping_rule():
+  """ρ < 0.25 (or NaN: a rejected step) doubles λ, ρ > 0.75 halves it, within the bounds."""
+  bounds = (1e-3, 1.0)
+  assert grow.search.lm_damping(0.1, 0.1, bounds) == pytest.approx(0.2)
+  assert grow.search.lm_damping(0.1, float("nan"), bounds) == pytest.approx(0.2)
+  assert grow.search.lm_damping(0.1, -3.0, bounds) == pytest.approx(0.2)
+  assert grow.search.lm_damping(0.1, 0.5, bounds) == pytest.approx(0.1)
+  assert grow.search.lm_damping(0.1, 0.9, bounds) == pytest.approx(0.05)
+  assert grow.search.lm_damping(0.8, 0.0, bounds) == 1.0
+  assert grow.search.lm_damping(1.5e-3, 1.0, bounds) == 1e-3
+
+
+@pytest.mark.parametrize("solver", ["cg", "dense"])
+def test_relinearised_fan_out_is_the_proximal_solve(digits_mlp, solver):
+  """At a re-linearisation point ``(Ψ₀, Ω₀)`` the fan-out minimises the GN model of the step
+  plus ``λ/2 ‖Ω − Ω₀‖²`` (Levenberg-Marquardt: damping towards the current point, not zero):
+  ``Ω = Ω₀ − (G + λ)⁻¹ ∇q(Ω₀)`` from jax.hessian on the offset linearisation."""
+  model, v, x, y, _ = digits_mlp
+  name, width, k, lam = "hidden_1", 10, 2, 3e-2
+  s = _searcher(psi_steps=0, cg_iters=200, fan_out_solver=solver)
+  site = model.growth_sites()[name]
+  psi0, om0 = s.templates(model, v, name, k, jax.random.key(1))
+  om_ref = {"kernel": 0.3 * jax.random.normal(jax.random.key(2), om0["kernel"].shape)}
+  h = s.stats(model, v, x, y, (name,)).sites[name].h
+  base = C.candidate_delta(site, psi0, om_ref, h)
+  ss = s.stats(model, v, x, y, (name,), offsets={name: base}).sites[name]
+  learned = jax.jit(lambda ss, y, lam, base: C.learn_gn(
+      site, ss, y, XENT, psi0, om_ref, s.config.learn, lam, base))(ss, y, lam, base)
+  a = site.fan_in(psi0, ss.h)
+  q = lambda w: C.gn_model(ss.lin, XENT, y,
+                           site.fan_out({"kernel": w.reshape(k, width)}, a) - base)
+  w0 = om_ref["kernel"].ravel()
+  g = jax.hessian(q)(w0)  # eager: see the CG test
+  want = w0 - jnp.linalg.solve(g + lam * jnp.eye(k * width), jax.grad(q)(w0))
+  np.testing.assert_allclose(learned.omega["kernel"], want.reshape(k, width), rtol=2e-3,
+                             atol=2e-5)
+  # The prediction is the undamped model's decrease over the step from (Ψ₀, Ω₀).
+  np.testing.assert_allclose(float(learned.predicted), -float(q(want)), rtol=1e-3, atol=1e-7)
+
+
+def test_relinearized_rounds_never_raise_the_real_loss(digits_mlp):
+  """Each round's proposal is checked on the real loss: from an over-scaled start (fan-out ×30,
+  far worse than no growth, where the GN model is poor) the rounds' real losses on the
+  statistics batch never rise and fall well below the start; the prediction stays the
+  base-point GN model of the returned candidate."""
+  model, v, x, y, _ = digits_mlp
+  s = _searcher(psi_steps=10)
+  name = "hidden_0"
+  stats = s.stats(model, v, x, y, (name,))
+  cand = s.candidate(model, v, stats, name, 4, "gn", 1e-2, jax.random.key(1))
+  bad = cand._replace(omega={n: 30.0 * np.asarray(o) for n, o in cand.omega.items()})
+  losses = [float(s.real_losses(model, v, bad, x, y, [1.0])[0])]
+  assert losses[0] > float(stats.loss)  # the start is worse than not growing
+  rounds = s.relinearized(model, v, stats, bad, 6, 1e-3)
+  assert len(rounds) == 6
+  for r in rounds:
+    losses.append(float(s.real_losses(model, v, r, x, y, [1.0])[0]))
+  assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:])), losses
+  assert losses[-1] < 0.7 * losses[0], losses
+  last = rounds[-1]
+  ss = stats.sites[name]
+  d = C.candidate_delta(model.growth_sites()[name], last.psi, last.omega, ss.h)
+  np.testing.assert_allclose(last.predicted, -float(C.gn_model(ss.lin, XENT, y, d)), rtol=1e-5)

@@ -178,11 +178,12 @@ def solve_quadratic(q: Callable[[PyTree], Array], x0: PyTree, damping: float | A
 
 
 def gn_fan_out(site: Site, lin, loss: Loss, y: Array, a: Array, omega0: dict, damping,
-               iters: int, delta_base: Array | None = None) -> dict:
+               iters: int, delta_base: Array | None = None, anchor: Array | None = None) -> dict:
   """Exact minimiser in ``Ω`` of the damped GN model for fixed activations ``a``.
 
   ``F Ω = J_u fan_out(Ω, a)`` is linear; CG on ``(Fᵀ H_z F / n + λ) Ω = −Fᵀ(g_z − H_z J δ_base)/n``
-  with ``Fᵀ`` by transposition (matrix-free, on the cached linearisation).
+  with ``Fᵀ`` by transposition (matrix-free, on the cached linearisation). ``anchor``: the
+  damping pulls towards this fan-out array instead of zero (``+ λ anchor`` on the right).
   """
   f = lambda om: lin.jvp(site.fan_out(om, a))
   ft = jax.linear_transpose(f, omega0)
@@ -192,6 +193,8 @@ def gn_fan_out(site: Site, lin, loss: Loss, y: Array, a: Array, omega0: dict, da
     g = g - loss.hvp(lin.z, y, lin.jvp(delta_base))
   inv_n = jnp.asarray(1.0 / n, lin.z.dtype)
   b = jax.tree.map(lambda t: -inv_n * t, ft(g)[0])
+  if anchor is not None:
+    b = {k: v + damping * anchor for k, v in b.items()}
   matvec = lambda v: jax.tree.map(lambda t: inv_n * t, ft(loss.hvp(lin.z, y, f(v)))[0])
   return cg_solve(matvec, b, x0=omega0, damping=damping, maxiter=iters, tol=1e-6).x
 
@@ -211,12 +214,14 @@ def fan_out_features(site: Site, a: Array, omega_shape: tuple[int, ...]) -> Arra
 
 
 def kfac_fan_out(site: Site, ss: SiteStats, y: Array, loss: Loss, a: Array,
-                 omega_shape: tuple[int, ...], damping, delta_base=None) -> dict:
+                 omega_shape: tuple[int, ...], damping, delta_base=None,
+                 anchor: Array | None = None) -> dict:
   """Fan-out from the closed form of the Kronecker-factored GN model (Martens & Grosse 2015).
 
   ``E[(ã ãᵀ) ⊗ J_uᵀ H J_u] ≈ A ⊗ S`` with ``A`` over (example, position) pairs and ``S`` the
   per-position output curvature, computed exactly from the columns of ``H_z = L Lᵀ`` (exact for
-  non-sequence outputs; cross-position terms are dropped, as K-FAC does).
+  non-sequence outputs; cross-position terms are dropped, as K-FAC does). ``anchor``: as in
+  ``gn_fan_out``.
   """
   lin = ss.lin
   feats = fan_out_features(site, a, omega_shape)  # [n, P, D]
@@ -227,6 +232,8 @@ def kfac_fan_out(site: Site, ss: SiteStats, y: Array, loss: Loss, a: Array,
     g = g - loss.hvp(lin.z, y, lin.jvp(delta_base))
   g_u = lin.vjp(g).reshape(n, p, -1)
   b = jnp.einsum("npd,npo->do", feats, g_u) / nz
+  if anchor is not None:
+    b = b - damping * anchor.reshape(b.shape)
   amat = jnp.einsum("npd,npe->de", feats, feats) / (n * p)
   l_cols = _hessian_sqrt(loss, lin.z, y)  # [..., C, C]
   c = lin.z.shape[-1]
@@ -300,7 +307,8 @@ def dense_model(dc: DenseCurvature, d: Array) -> Array:
 
 
 def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[int, ...],
-                  damping, delta_base: Array | None = None, units: Array | None = None) -> dict:
+                  damping, delta_base: Array | None = None, units: Array | None = None,
+                  anchor: Array | None = None) -> dict:
   """Exact minimiser in ``Ω`` of the damped GN model for fixed activations ``a`` (dense solve).
 
   With features ``f_n`` [D] (``δ_n = Ωᵀ f_n``, ``Ω`` [D, U]) the model is quadratic in vec(Ω)
@@ -312,18 +320,19 @@ def dense_fan_out(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[i
   the same solution, but ``M`` is then shared by every unit mask when the candidate sizes of a
   vmapped call share their activations.
   """
-  return dense_fan_out_value(site, dc, a, omega_shape, damping, delta_base, units)[0]
+  return dense_fan_out_value(site, dc, a, omega_shape, damping, delta_base, units, anchor)[0]
 
 
 def dense_fan_out_value(site: Site, dc: DenseCurvature, a: Array, omega_shape: tuple[int, ...],
-                        damping, delta_base: Array | None = None, units: Array | None = None
-                        ) -> tuple[dict, Array]:
+                        damping, delta_base: Array | None = None, units: Array | None = None,
+                        anchor: Array | None = None) -> tuple[dict, Array]:
   """``dense_fan_out`` and the undamped GN model value of its solution, ``bᵀx + ½ xᵀMx``.
 
   Without ``delta_base`` that value is ``dense_model(dc, δ)`` of the candidate's
   ``δ_n = Ωᵀ f_n`` (up to float rounding) at the cost of one [DU, DU] matrix-vector product
   instead of a pass over the per-example curvature [n, U, U]. With ``delta_base`` it omits the
-  constant ``−Σ g·δ_base + ½ Σ δ_baseᵀ G δ_base`` (divided by the count).
+  constant ``−Σ g·δ_base + ½ Σ δ_baseᵀ G δ_base`` (divided by the count). ``anchor``: as in
+  ``gn_fan_out`` (units masked out of ``M`` must be zero in it).
   """
   feats = fan_out_features(site, a, omega_shape)[:, 0, :]  # [n, D] (P = 1 for dense consumers)
   g_u = dc.g_u
@@ -343,7 +352,8 @@ def dense_fan_out_value(site: Site, dc: DenseCurvature, a: Array, omega_shape: t
     b = b * keep
   chol = jnp.linalg.cholesky(mmat + lam * jnp.eye(d * width, dtype=mmat.dtype))
   tri = jax.scipy.linalg.solve_triangular
-  x = tri(chol, tri(chol, -b, lower=True), lower=True, trans=1)
+  rhs = -b if anchor is None else lam * anchor.reshape(-1).astype(b.dtype) - b
+  x = tri(chol, tri(chol, rhs, lower=True), lower=True, trans=1)
   value = jnp.dot(b, x) + 0.5 * jnp.dot(x, mmat @ x)
   return {site.out_leaves[0].name: x.reshape(omega_shape)}, value
 
@@ -483,6 +493,9 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
     cfg: hyper-parameters.
     damping: λ.
     delta_base: ``δ`` of the point the statistics were linearised at (re-linearisation), or None.
+      Given, ``(psi0, omega0)`` is that point and the damping is proximal — it pulls towards
+      ``(psi0, omega0)`` instead of zero (a Levenberg-Marquardt step: a fixed point of repeated
+      rounds is a stationary point of the real, undamped loss) — and ``psi_init`` is ignored.
     units: optional 0/1 mask [k] of the active units.
     psi_mask: optional 0/1 arrays shaped like ``psi0``: entries at 0 (fan-in from inputs that
       are padding, see ``GrowConfig.width_bucket``) are held at zero.
@@ -492,11 +505,14 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
   base = 0.0 if delta_base is None else delta_base
   dense = cfg.fan_out_solver == "dense"
   dc = dense_curvature(lin, loss, y) if dense else None
-  if cfg.psi_init == "svd":
+  proximal = delta_base is not None
+  if cfg.psi_init == "svd" and not proximal:
     if not dense:
       raise ValueError("LearnConfig.psi_init='svd' needs fan_out_solver='dense'.")
     psi0 = svd_psi(site, h, masked_psi(psi0, psi_mask), dc, psi_mask)
   psi0 = masked_psi(psi0, psi_mask)
+  psi_ref = psi0 if proximal else None
+  omega_ref = omega0[name] if proximal else None
 
   def model_value(d):
     return dense_model(dc, d) if dense else gn_model(lin, loss, y, d)
@@ -509,17 +525,21 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
     shape = omega_init[name].shape
     if kernel_solve:
       a = activations(site, masked_psi(psi, psi_mask), h)  # units masked in the solve
-      return dense_fan_out(site, dc, a, shape, damping, delta_base, units)
+      return dense_fan_out(site, dc, a, shape, damping, delta_base, units, omega_ref)
     a = activations(site, masked_psi(psi, psi_mask), h, units=units)
     if dense:
-      return dense_fan_out(site, dc, a, shape, damping, delta_base)
+      return dense_fan_out(site, dc, a, shape, damping, delta_base, anchor=omega_ref)
     if cfg.fan_out_solver == "kfac":
-      return kfac_fan_out(site, ss, y, loss, a, omega_init[name].shape, damping, delta_base)
-    return gn_fan_out(site, lin, loss, y, a, omega_init, damping, iters, delta_base)
+      return kfac_fan_out(site, ss, y, loss, a, omega_init[name].shape, damping, delta_base,
+                          omega_ref)
+    return gn_fan_out(site, lin, loss, y, a, omega_init, damping, iters, delta_base, omega_ref)
 
   def objective(psi, omega):
     psi = masked_psi(psi, psi_mask)
     d = candidate_delta(site, psi, omega, h, units=units) - base
+    if proximal:
+      psi = jax.tree.map(jnp.subtract, psi, psi_ref)
+      omega = {name: omega[name] - omega_ref}
     return model_value(d) + 0.5 * damping * (psi_norm(site, psi, units) + _sq(omega))
 
   # Without fan-in steps the candidate is the first solve's (balancing keeps δ), so its
@@ -530,7 +550,7 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
     omega, value0 = dense_fan_out_value(site, dc, a0, omega0[name].shape, damping, None, units)
   else:
     omega = solve_omega(psi0, omega0, cfg.cg_iters)
-  if cfg.psi_init == "svd":
+  if cfg.psi_init == "svd" and not proximal:
     psi0, omega = balanced(site, psi0, omega, h)
   opt = optax.adam(cfg.psi_lr)
 

@@ -474,9 +474,21 @@ class Searcher:
                            omega0, view)[0]
 
   def relinearized(self, model, variables, stats: Stats, cand: Candidate, rounds: int,
-                   damping: float) -> Candidate:
+                   damping: float) -> list[Candidate]:
     """Levenberg-Marquardt rounds: re-linearise the upper network at the current candidate
-    and solve again (``rounds`` times); the prediction is measured from the base point."""
+    and solve again (``rounds`` times). Returns the candidate after each round (the last is the
+    result; ``seconds`` accumulates from ``cand``'s); predictions are measured from the base
+    point.
+
+    Every proposal is checked on the real loss of the statistics batch (the statistics pass at
+    the proposal computes it, and the next round reuses that pass): a proposal that does not
+    lower the loss is rejected and λ multiplied by 2, 4, 8, … for each rejection in a row
+    (Nielsen's rule); otherwise λ follows ``lm_damping``; within ``GrowConfig.damping_bounds``.
+    The damping of a round is proximal (towards the current candidate; ``C.learn_gn``). Without this check the rounds diverge where the upper
+    network is far from linear over the step (the first hidden layer of the teacher-student
+    MLP: real loss rising by 10-1000x the oracle's decrease within 2-4 unchecked rounds).
+    Costs ``rounds + 1`` statistics passes.
+    """
     name = cand.site
     site = self.sites(model)[name]
     t0 = time.perf_counter()
@@ -485,16 +497,39 @@ class Searcher:
     learner = self._jit(("relin", model, name), lambda: jax.jit(
         lambda ss, y, psi0, om0, lam, base: C.learn_gn(site, ss, y, self.loss, psi0, om0,
                                                        self.config.learn, lam, base)))
+    delta = C.candidate_delta(site, psi, omega, ss.h)
+    cur = self.stats(model, variables, stats.x, stats.y, (name,), offsets={name: delta})
+    cur_loss = self._offset_loss(cur.sites[name], stats.y)
+    # The one-shot step's own agreement (its real loss is in this first pass) sets the start.
+    realised = float(stats.loss) - cur_loss
+    lam = lm_damping(float(damping), realised / cand.predicted if cand.predicted > 0 else
+                     float("nan"), self.config.damping_bounds)
+    out_cands = []
+    grow_by = 2.0
     for _ in range(rounds):
-      delta = C.candidate_delta(site, psi, omega, ss.h)
-      st2 = self.stats(model, variables, stats.x, stats.y, (name,), offsets={name: delta})
-      out = learner(st2.sites[name], stats.y, psi, omega, jnp.asarray(damping, jnp.float32),
-                    delta)
-      psi, omega = jax.device_get(out.psi), jax.device_get(out.omega)
-    pred = float(-C.gn_model(ss.lin, self.loss, stats.y,
-                             C.candidate_delta(site, psi, omega, ss.h)))
-    return cand._replace(psi=psi, omega=omega, predicted=pred, score=pred,
-                         seconds=cand.seconds + time.perf_counter() - t0)
+      out = learner(cur.sites[name], stats.y, psi, omega, jnp.asarray(lam, jnp.float32), delta)
+      new_delta = C.candidate_delta(site, out.psi, out.omega, ss.h)
+      new = self.stats(model, variables, stats.x, stats.y, (name,), offsets={name: new_delta})
+      new_loss = self._offset_loss(new.sites[name], stats.y)
+      realised, predicted = cur_loss - new_loss, float(out.predicted)
+      if math.isfinite(new_loss) and realised > 0:
+        psi, omega = jax.device_get(out.psi), jax.device_get(out.omega)
+        delta, cur, cur_loss = new_delta, new, new_loss
+        lam = lm_damping(lam, realised / predicted if predicted > 0 else float("nan"),
+                         self.config.damping_bounds)
+        grow_by = 2.0
+      else:  # rejected: λ grows faster with each rejection in a row (Nielsen's rule)
+        lam = min(lam * grow_by, self.config.damping_bounds[1])
+        grow_by *= 2.0
+      pred = float(-C.gn_model(ss.lin, self.loss, stats.y, delta))
+      out_cands.append(cand._replace(psi=psi, omega=omega, predicted=pred, score=pred,
+                                     seconds=cand.seconds + time.perf_counter() - t0))
+    return out_cands
+
+  def _offset_loss(self, ss: SiteStats, y) -> float:
+    """Mean real loss at the point a site's statistics were linearised at (``Stats.loss`` is
+    at the base point)."""
+    return float(jnp.mean(self.loss.value(ss.lin.z, y)))
 
   def real_losses(self, model, variables, cand: Candidate, x, y, gammas, h=None,
                   view: tuple[nn.Module, Any] | None = None) -> np.ndarray:
@@ -514,6 +549,18 @@ class Searcher:
       h = self.site_input(model, cand.site)(variables, x)
     return np.asarray(self.losses_at(model, cand.site)(variables, psi, omega, x, y, h,
                                                        np.asarray(gammas, np.float32)))
+
+
+def lm_damping(damping: float, rho: float, bounds: tuple[float, float]) -> float:
+  """Levenberg-Marquardt update of λ from ``ρ`` = realised / predicted decrease: doubled when
+  ``ρ < 0.25`` or undefined (NaN: a rejected step), halved when ``ρ > 0.75``, within
+  ``bounds = (lo, hi)``."""
+  lo, hi = bounds
+  if not rho >= 0.25:
+    return min(damping * 2.0, hi)
+  if rho > 0.75:
+    return max(damping / 2.0, lo)
+  return damping
 
 
 def _with_leaves(variables, updates: Mapping[str, Any]) -> dict:
@@ -633,7 +680,7 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
                                 damping, rng, view=view)
       base_loss = float(stats.loss)
     if cfg.method == "gn" and cfg.relinearize:
-      cand = searcher.relinearized(model, variables, stats, cand, cfg.relinearize, damping)
+      cand = searcher.relinearized(model, variables, stats, cand, cfg.relinearize, damping)[-1]
     reason = None
     if not _finite(cand):
       reason = "non-finite candidate (NaN/inf)"
@@ -660,11 +707,7 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
     rho = realised_full / cand.predicted if cand.predicted > 0 else float("nan")
     old_damping = damping
     if cfg.adapt_damping and cfg.method in MODEL_BASED and math.isfinite(rho):
-      lo, hi = cfg.damping_bounds
-      if rho < 0.25:
-        damping = min(damping * 2.0, hi)
-      elif rho > 0.75:
-        damping = max(damping / 2.0, lo)
+      damping = lm_damping(damping, rho, cfg.damping_bounds)
     omega = jax.tree.map(lambda o: gamma * np.asarray(o), cand.omega)
     model, variables, rec = morph.add_units(model, variables, cand.site, cand.k, rng=rng,
                                             fan_in=cand.psi, fan_out=omega)
