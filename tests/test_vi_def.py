@@ -630,8 +630,8 @@ def test_sparse_layout_drops_zero_slots_and_keeps_the_products():
     # child -> parent slots) give W^T r; the solvers pick one by the padding.
     from growjax.vi import deep_exponential as de  # internal: the two sparse kernels
     lay, r = model.layout[0], rng.normal(size=7)
-    np.testing.assert_allclose(np.asarray(de._gather_sum(lay.child_weights_t, lay.children_t,
-                                                         jnp.asarray(r))), dense.T @ r,
+    np.testing.assert_allclose(np.asarray(de._bucket_gather_sum(lay, lay.child_weights_t,
+                                                                jnp.asarray(r))), dense.T @ r,
                                atol=1e-12)
     np.testing.assert_allclose(np.asarray(de._scatter_sum(lay.weights_t * jnp.asarray(r)[None],
                                                           lay.parents_t, 9)), dense.T @ r,
@@ -811,3 +811,104 @@ def test_fused_preparation_matches_the_precision_and_curvature_oracles():
       want = sum(np.sum(np.log(p.astype(dtype).astype(np.float64))) for p in parts)
       got = float(_sum_log(tuple(jnp.asarray(p, dtype) for p in parts)))
       assert got == pytest.approx(want, rel=rtol, abs=rtol * 10), dtype
+
+
+def skewed_sparse_model(rng, transposed_buckets, *, num_children=40, num_parents=12):
+  """A two-latent-layer sparse model whose parents' numbers of children are skewed: parent 0
+  of layer 1 has many children, the last one none."""
+  weights, parents = [], []
+  sizes = [num_children, num_parents, 5]
+  for l in range(2):
+    n_child, n_par = sizes[l], sizes[l + 1]
+    # Parent p drawn with weight ~ 1/(p+1) (skewed); the last parent is never drawn.
+    prob = 1.0 / np.arange(1, n_par)
+    prob /= prob.sum()
+    k = min(3, n_par - 1)
+    pa = np.stack([rng.choice(n_par - 1, size=k, replace=False, p=prob) for _ in range(n_child)])
+    w = rng.normal(size=pa.shape) * 0.5
+    w[rng.random(w.shape) < 0.2] = 0.0
+    weights.append(w)
+    parents.append(pa)
+  variances = [rng.uniform(0.5, 2.0, size=n) for n in sizes]
+  biases = [rng.normal(size=n) for n in sizes]
+  return vi.gaussian_def(rng.normal(size=num_children), weights, parents=parents, biases=biases,
+                         variances=variances, dtype=jnp.float64,
+                         transposed_buckets=transposed_buckets)
+
+
+def test_degree_bucketed_transposed_products_match_the_dense_products():
+  """The transposed product gathered per degree bucket (SparseLayout) gives W^T r, |W|^T r and
+  (W^2)^T r to float64 precision for 1-4 buckets on skewed degrees (a parent without
+  children included); the prepared Lam / FM curvature and the parallel solves are unchanged."""
+  from growjax.vi import deep_exponential as de
+  with jax.enable_x64(True):
+    degree = np.array([0, 5, 5, 1, 9, 3, 3, 3, 7])
+    for b in (1, 2, 3, 5):
+      groups = de.transposed_degree_buckets(degree, b)
+      assert 1 <= len(groups) <= b
+      order = np.concatenate(groups)
+      np.testing.assert_array_equal(np.sort(order), np.arange(len(degree)))
+      if len(groups) == 1:
+        np.testing.assert_array_equal(order, np.arange(len(degree)))  # unit order
+      else:
+        assert np.all(np.diff(degree[order]) <= 0)  # most children first
+      slots = sum(len(g) * max(int(degree[g].max()), 1) for g in groups)
+      assert slots <= len(degree) * degree.max()
+    # The cuts are optimal: brute force over every split of the sorted degrees in 3 parts.
+    srt = np.maximum(np.sort(degree)[::-1], 1)
+    best = min(i * srt[0] + (j - i) * srt[i] + (len(srt) - j) * srt[j]
+               for i in range(1, len(srt) - 1) for j in range(i + 1, len(srt)))
+    groups = de.transposed_degree_buckets(degree, 3)
+    assert sum(len(g) * max(int(degree[g].max()), 1) for g in groups) == best == 43
+
+    rng = np.random.default_rng(41)
+    r = [rng.normal(size=40), rng.normal(size=12)]
+    reference = skewed_sparse_model(np.random.default_rng(5), 1)
+    dense = dense_layers(reference)
+    assert not np.any(dense[0][:, -1]) and np.count_nonzero(dense[0][:, 0]) > 10
+    ref_prep = {m: jax.jit(vi.make_solver(m).prepare)(reference)
+                for m in ("fm", "fm_ls", "fm_cg", "parallel")}
+    exact = flat(vi.exact_posterior(reference).means)
+    for b in (1, 2, 3, 4):
+      model = skewed_sparse_model(np.random.default_rng(5), b)
+      for l in range(2):
+        lay = model.layout[l]
+        assert len(lay.children_t) == len(lay.child_weights_t) <= b
+        if b > 1:
+          assert len(lay.children_t) > 1 and lay.bucket_inverse is not None
+        assert de._gather_transposed(lay)
+        for got, want in ((de._rmatvec(model, l, jnp.asarray(r[l])), dense[l].T @ r[l]),
+                          (de._abs_rmatvec(model, l, jnp.asarray(r[l]), square=False),
+                           np.abs(dense[l]).T @ r[l]),
+                          (de._abs_rmatvec(model, l, jnp.asarray(r[l]), square=True),
+                           np.square(dense[l]).T @ r[l])):
+          np.testing.assert_allclose(np.asarray(got), want, rtol=1e-13, atol=1e-13)
+      for method, want in ref_prep.items():
+        prepared = jax.jit(vi.make_solver(method).prepare)(model)
+        for name in ("precision", "curvature"):
+          np.testing.assert_allclose(flat(getattr(prepared, name)), flat(getattr(want, name)),
+                                     rtol=1e-13, err_msg=f"{b} {method} {name}")
+        assert float(prepared.elbo_offset) == pytest.approx(float(want.elbo_offset), rel=1e-14)
+      for method in ("fm", "fm_ls", "fm_cg"):
+        state, info = vi.solve(vi.make_solver(method), model, tol=1e-14, max_iters=3000)
+        assert bool(info.converged) and not bool(info.diverged), (b, method)
+        np.testing.assert_allclose(flat(state.means), exact, atol=1e-6, err_msg=f"{b} {method}")
+
+
+def test_carried_elbo_equals_the_elbo_of_every_iterate():
+  """fm_ls, fm_cg and sequential CAVI carry the ELBO by their exact gains (DEFState.elbo); the
+  trace must equal the ELBO from scratch at every iterate, and so must the final state's."""
+  with jax.enable_x64(True):
+    model = random_model(np.random.default_rng(43), (9, 6, 4), sparse=True)
+    for method in ("fm_ls", "fm_cg", "sequential", "fm"):
+      solver = vi.make_solver(method)
+      for k in (1, 2, 5):
+        state, info = vi.solve(solver, model, max_iters=8, tol=-1.0, limit=k)
+        assert int(info.iterations) == k
+        want = float(vi.elbo(model, state.means, state.prepared.variances))
+        assert float(info.elbo[k]) == pytest.approx(want, rel=1e-13, abs=1e-12), (method, k)
+        assert float(state.elbo) == pytest.approx(want, rel=1e-13, abs=1e-12), (method, k)
+        assert np.all(np.diff(np.asarray(info.elbo[:k + 1])) >= -1e-12), method
+      # A state built outside solve carries no ELBO; its steps leave it None.
+      state = solver.step(model, solver.init(model))
+      assert state.elbo is None

@@ -11,7 +11,8 @@ from growjax.vi.deep_exponential import (
     GaussianDEF, SolveInfo, SparseLayout, block_cavi, color_blocks, degree_buckets, dense_weight,
     elbo, exact_posterior, fm_bound, fm_curvature, forest_like_model, forest_likeness,
     forest_mixture, gaussian_def, make_solver, mean_gradient, mixture_weights, parallel_cavi,
-    precision_diag, residuals, sequential_cavi, solve, state_elbo, to_dense, to_sparse)
+    precision_diag, residuals, sequential_cavi, solve, state_elbo, to_dense, to_sparse,
+    transposed_degree_buckets)
 from growjax.vi.meanfield import (
     MeanFieldInfo, MeanFieldState, MeanFieldVI, gaussian_kl, meanfield_vi, sample_params, std)
 
@@ -29,5 +30,5 @@ __all__ = [
     "exact_posterior", "fm_bound", "fm_curvature", "forest_like_model", "forest_likeness",
     "forest_mixture", "gaussian_def", "make_solver", "mean_gradient", "mixture_weights",
     "parallel_cavi", "precision_diag", "residuals", "sequential_cavi", "solve", "state_elbo",
-    "to_dense", "to_sparse",
+    "to_dense", "to_sparse", "transposed_degree_buckets",
 ]

@@ -98,6 +98,9 @@ from growjax.graphs import greedy_coloring
 
 Array = jax.Array
 
+# Degree buckets of the transposed product (SparseLayout): 1, measured fastest on the benchmark
+# model (2-4 buckets were slower on XLA:CPU, see SparseLayout).
+TRANSPOSED_BUCKETS = 1
 METHODS = ("sequential", "parallel", "block", "fm", "fm_ls", "fm_cg")
 MIXTURES = ("abs_w_sqrt_v", "abs_w", "uniform")
 CRITERIA = ("elbo", "means")
@@ -147,20 +150,37 @@ class SparseLayout(NamedTuple):
   row. Zero weights are left out of the children arrays (they carry no interaction); their
   padding has index 0 and weight 0.
 
+  The transposed product ``W^T r`` of the parallel passes gathers over slot-major parent ->
+  child arrays, split into degree buckets: the parents sorted by their number of children (most
+  first) and cut into at most ``B`` contiguous groups (cuts chosen to minimise the padded slots
+  ``sum_b D_b n_b``, ``transposed_degree_buckets``), each group padded only to its own largest
+  degree. A product is one gather sum per bucket, the buckets' results concatenated and put
+  back in unit order by one gather with ``bucket_inverse``. On the benchmark model (1000
+  parents, 10 children on average, at most 21) one bucket reads 21000 slots, three 12300; yet
+  on XLA:CPU the bucketed product is slower there (measured in the FM solves: ~2 us more per
+  iteration and per preparation with 2-4 buckets): the padded slots are cheap next to the
+  un-permuting gather, which XLA fuses with the buckets' concatenation into one loop whose
+  bucket per element is random. So the default is one bucket (``TRANSPOSED_BUCKETS``); more
+  pay where degrees are far more skewed than the padding is wide.
+
   Attributes:
     parents_t: int ``[K_l, n_l]``: ``parents.T``, nonzero weights first, all-zero slots dropped.
     weights_t: ``[K_l, n_l]``: the matching weights (padding: index 0, weight 0).
     children: int ``[n_{l+1}, D_l]``: each parent's children, padded.
     child_weights: ``[n_{l+1}, D_l]``: the matching weights (0 on padding).
-    children_t: int ``[D_l, n_{l+1}]``: ``children.T`` (slot-major, for the transposed product).
-    child_weights_t: ``[D_l, n_{l+1}]``: ``child_weights.T``.
+    children_t: ``B`` int arrays ``[D_b, n_b]``: the children of bucket ``b``'s parents,
+      slot-major (``sum_b n_b = n_{l+1}``, ``D_b >= 1``).
+    child_weights_t: ``B`` arrays ``[D_b, n_b]``: the matching weights (0 on padding).
+    bucket_inverse: int ``[n_{l+1}]``: the position of each parent in the concatenated buckets,
+      or ``None`` for one bucket in unit order.
   """
   parents_t: Array
   weights_t: Array
   children: Array
   child_weights: Array
-  children_t: Array
-  child_weights_t: Array
+  children_t: tuple
+  child_weights_t: tuple
+  bucket_inverse: Array | None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -209,6 +229,12 @@ class DEFState(NamedTuple):
     iteration: number of iterations taken (int scalar).
     memory: method-specific carried quantities: ``None``, or for ``fm_cg`` a ``CGMemory`` (the
       previous direction and ``g^T P^-1 g``).
+    elbo: ``None``, or the ELBO of this state at the optimal variances (``elbo_offset - 1/2
+      sum r^2 / s``) carried along: ``solve`` sets it, and the steps whose ELBO gain is a
+      by-product of the step (``fm_ls`` / ``fm_cg``: ``alpha g.d - alpha^2 d^T Lam d / 2`` from
+      the line search's own reductions; sequential CAVI: ``sum_i Lam_ii delta_i^2 / 2`` over
+      its coordinate moves) add it, so the stopping rule needs no fit reduction over the
+      residuals; the other steps return ``None`` and ``solve`` recomputes it.
   """
   means: tuple
   variances: tuple
@@ -216,6 +242,7 @@ class DEFState(NamedTuple):
   prepared: DEFPrepared
   iteration: Array
   memory: Any = None
+  elbo: Array | None = None
 
   @property
   def precision(self) -> tuple:
@@ -323,6 +350,54 @@ def _children_of(parents: np.ndarray, weights: np.ndarray, num_parents: int, dty
   return children, child_weights
 
 
+def transposed_degree_buckets(degree: np.ndarray, max_buckets: int) -> list[np.ndarray]:
+  """Parents grouped by degree for the bucketed transposed product (see ``SparseLayout``).
+
+  Sorts the parents by degree (most first, ties in unit order) and cuts the order into at most
+  ``max_buckets`` contiguous groups minimising the padded slots ``sum_b n_b max(D_b, 1)``
+  (dynamic programming over the distinct degrees: a cut inside a run of equal degrees never
+  helps). Empty groups are dropped.
+
+  Args:
+    degree: int ``[n]``: number of children of each parent.
+    max_buckets: the most groups (>= 1).
+
+  Returns:
+    Unit index arrays, one per bucket, in order of decreasing degree; their concatenation is a
+    permutation of ``range(n)`` (the identity when there is one bucket).
+  """
+  if max_buckets < 1:
+    raise ValueError(f"max_buckets must be >= 1, got {max_buckets}.")
+  order = np.argsort(-degree, kind="stable")
+  if len(order) == 0:
+    return [order]
+  d = np.maximum(degree[order], 1)
+  starts = np.flatnonzero(np.concatenate([[True], d[1:] != d[:-1]]))  # runs of equal degree
+  bounds = np.append(starts, len(d))
+  g = len(starts)
+  # cost[b, j]: least padded slots covering runs [0, j) with b buckets; a bucket starting at
+  # run i has the width of run i (degrees decrease).
+  cost = np.full((max_buckets + 1, g + 1), np.inf)
+  cost[0, 0] = 0.0
+  arg = np.zeros((max_buckets + 1, g + 1), np.int64)
+  for b in range(1, max_buckets + 1):
+    for j in range(1, g + 1):
+      i = np.arange(j)
+      c = cost[b - 1, :j] + (bounds[j] - bounds[i]) * d[bounds[i]]
+      arg[b, j] = int(np.argmin(c))
+      cost[b, j] = c[arg[b, j]]
+  b = int(np.argmin(cost[1:, g])) + 1  # fewest buckets among the cheapest
+  cuts, j = [], g
+  while b > 0:
+    cuts.append(arg[b, j])
+    j = arg[b, j]
+    b -= 1
+  edges = [int(bounds[c]) for c in reversed(cuts)] + [len(d)]
+  groups = [order[a:e] for a, e in zip(edges[:-1], edges[1:]) if e > a]
+  # One bucket: unit order (no permutation to undo).
+  return groups if len(groups) > 1 else [np.arange(len(order))]
+
+
 def _compact_slots(parents: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Moves each child's nonzero weights to the front and drops the slots that are zero for all.
 
@@ -342,7 +417,8 @@ def _compact_slots(parents: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray
 
 def gaussian_def(x, weights: Sequence[Any], *, parents: Sequence[Any] | None = None,
                  biases: Sequence[Any] | None = None, variances: Any = 1.0,
-                 num_units: Sequence[int] | None = None, dtype=None) -> GaussianDEF:
+                 num_units: Sequence[int] | None = None, dtype=None,
+                 transposed_buckets: int | None = None) -> GaussianDEF:
   """Builds and validates a Gaussian DEF (dense, sparse or mixed per layer).
 
   Args:
@@ -357,6 +433,9 @@ def gaussian_def(x, weights: Sequence[Any], *, parents: Sequence[Any] | None = N
     num_units: optional latent sizes ``(n_1, ..., n_L)``; needed only when the top layer is
       sparse and its size is not given by ``biases``/``variances`` arrays.
     dtype: float dtype of the model; default the (canonical) dtype of ``x``.
+    transposed_buckets: the most degree buckets of a sparse layer's transposed product
+      (``SparseLayout``; 1: one padded gather over all parents); default
+      ``TRANSPOSED_BUCKETS``.
 
   Returns:
     A ``GaussianDEF``.
@@ -459,14 +538,25 @@ def gaussian_def(x, weights: Sequence[Any], *, parents: Sequence[Any] | None = N
                        "repeated parents into one entry.")
     children, child_weights = _children_of(p, w, sizes[l + 1], np_dtype)
     slot_parents, slot_weights = _compact_slots(p, w)
+    # _children_of packs each parent's nonzero children to the front of its row.
+    groups = transposed_degree_buckets(
+        (child_weights != 0).sum(axis=1),
+        TRANSPOSED_BUCKETS if transposed_buckets is None else transposed_buckets)
+    widths = [max(int((child_weights[u] != 0).sum(axis=1).max(initial=0)), 1) for u in groups]
+    inverse = None
+    if len(groups) > 1:
+      inverse = jnp.asarray(np.argsort(np.concatenate(groups)), jnp.int32)
     par_out.append(jnp.asarray(p, jnp.int32))
     lay_out.append(SparseLayout(
         parents_t=jnp.asarray(np.ascontiguousarray(slot_parents.T), jnp.int32),
         weights_t=jnp.asarray(np.ascontiguousarray(slot_weights.T), dtype),
         children=jnp.asarray(children, jnp.int32),
         child_weights=jnp.asarray(child_weights, dtype),
-        children_t=jnp.asarray(np.ascontiguousarray(children.T), jnp.int32),
-        child_weights_t=jnp.asarray(np.ascontiguousarray(child_weights.T), dtype)))
+        children_t=tuple(jnp.asarray(np.ascontiguousarray(children[u, :k].T), jnp.int32)
+                         for u, k in zip(groups, widths)),
+        child_weights_t=tuple(jnp.asarray(np.ascontiguousarray(child_weights[u, :k].T), dtype)
+                              for u, k in zip(groups, widths)),
+        bucket_inverse=inverse))
 
   return GaussianDEF(
       x=jnp.asarray(x_np, dtype),
@@ -617,13 +707,27 @@ def _matvec(model: GaussianDEF, l: int, m: Array) -> Array:
 def _gather_transposed(lay: SparseLayout) -> bool:
   """Whether ``W^T r`` gathers over the padded parent -> child slots instead of scattering.
 
-  A gather of ``D n_{l+1}`` padded entries beats ``K`` scatters of ``n_l`` entries each on
-  XLA:CPU unless the padding is heavy (measured: 1.6x faster for the benchmark's 5 parents per
-  child, 21 slots per parent; 4x slower for a forest, 1 parent per child and ~8 slots).
+  A gather of ``sum_b D_b n_b`` padded entries beats ``K`` scatters of ``n_l`` entries each on
+  XLA:CPU unless the padding is heavy (measured without buckets: 1.6x faster for the
+  benchmark's 5 parents per child, 21 slots per parent; 4x slower for a forest, 1 parent per
+  child and ~8 slots).
   """
   k, n_child = lay.parents_t.shape
-  d, n_parent = lay.children_t.shape
-  return d * n_parent <= 3 * k * n_child and k > 1
+  slots = sum(int(c.size) for c in lay.children_t)
+  return slots <= 3 * k * n_child and k > 1
+
+
+def _unbucket(lay: SparseLayout, parts: Sequence[Array]) -> Array:
+  """The per-bucket results ``[n_b]`` of a transposed product, back in unit order ``[n_{l+1}]``."""
+  if lay.bucket_inverse is None:
+    return parts[0]
+  return _take(jnp.concatenate(parts), lay.bucket_inverse)
+
+
+def _bucket_gather_sum(lay: SparseLayout, weights_t: Sequence[Array], r: Array,
+                       h: Callable[[Array], Array] | None = None) -> Array:
+  """``sum_k h(weights_t[b][k]) * r[children_t[b][k]]`` per bucket, in unit order ``[n_{l+1}]``."""
+  return _unbucket(lay, [_gather_sum(w, c, r, h) for w, c in zip(weights_t, lay.children_t)])
 
 
 def _rmatvec(model: GaussianDEF, l: int, r: Array) -> Array:
@@ -632,7 +736,7 @@ def _rmatvec(model: GaussianDEF, l: int, r: Array) -> Array:
   if lay is None:
     return r @ model.weights[l]
   if _gather_transposed(lay):
-    return _gather_sum(lay.child_weights_t, lay.children_t, r)
+    return _bucket_gather_sum(lay, lay.child_weights_t, r)
   return _scatter_sum(lay.weights_t * r[None, :], lay.parents_t, model.sizes[l + 1])
 
 
@@ -844,7 +948,7 @@ def _abs_rmatvec(model: GaussianDEF, l: int, r: Array, *, square: bool) -> Array
   if lay is None:
     return r @ h(model.weights[l])
   if _gather_transposed(lay):
-    return _gather_sum(lay.child_weights_t, lay.children_t, r, h)
+    return _bucket_gather_sum(lay, lay.child_weights_t, r, h)
   return _scatter_sum(h(lay.weights_t) * r[None, :], lay.parents_t, model.sizes[l + 1])
 
 
@@ -934,13 +1038,11 @@ def _sum_log(arrays: Sequence[Array]) -> Array:
   """
   dtype = arrays[0].dtype
   group = int(min(32, -2 * (jnp.finfo(dtype).minexp + 1)))
-  mantissas, exponent = [], 0
-  for a in arrays:
-    m, e = jnp.frexp(a)  # m in [0.5, 1)
-    low = m < float(np.sqrt(0.5))
-    mantissas.append(jnp.where(low, 2.0 * m, m))
-    exponent = exponent + jnp.sum(jnp.where(low, e - 1, e))  # int: exact
-  m = jnp.concatenate(mantissas) if len(mantissas) > 1 else mantissas[0]
+  a = jnp.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+  m, e = jnp.frexp(a)  # m in [0.5, 1)
+  low = m < float(np.sqrt(0.5))
+  m = jnp.where(low, 2.0 * m, m)
+  exponent = jnp.sum(jnp.where(low, e - 1, e))  # int: exact
   pad = (-m.shape[0]) % group
   if pad:
     m = jnp.concatenate([m, jnp.ones((pad,), dtype)])
@@ -948,14 +1050,19 @@ def _sum_log(arrays: Sequence[Array]) -> Array:
   return logs + float(np.log(2.0)) * exponent.astype(dtype)
 
 
-def _elbo_offset(model: GaussianDEF, precision, variances) -> Array:
-  """The ELBO minus its fit term at the given variances (``_elbo_terms`` without the fit)."""
+
+
+def _elbo_offset(model: GaussianDEF, precision, variances, noise_precision) -> Array:
+  """The ELBO minus its fit term at the given variances (``_elbo_terms`` without the fit);
+  ``noise_precision`` is ``1 / s`` per layer."""
   # sum Lam v (= the number of latent units at v = 1/Lam) stays computed: as a consumer of Lam it
   # keeps XLA:CPU from splitting Lam's gather sum into one fusion per slot and duplicating the
   # sum into each of Lam's consumers (measured on the sequential CAVI solve).
   spread = sum(jnp.sum(p * v) for p, v in zip(precision, variances))
-  # entropy - log_norm = sum log v - sum log s, with one log per group of entries (_sum_log).
-  log_ratio = _sum_log(tuple(variances)) - _sum_log(tuple(model.variances))
+  # entropy - log_norm = sum log v + sum log(1/s): one _sum_log over all of them (one log per
+  # group of entries, one exponent sum), not one per term (fewer XLA:CPU kernels, measured
+  # ~10-30 us off a solve's fixed cost).
+  log_ratio = _sum_log(tuple(variances) + tuple(noise_precision))
   n_latent = sum(model.sizes[1:])
   log2pi = float(np.log(2 * np.pi))
   const = -0.5 * sum(model.sizes) * log2pi + 0.5 * n_latent * (log2pi + 1.0)
@@ -981,7 +1088,7 @@ def _make_prepare(tag: str, quantities_fn: Callable[[GaussianDEF, tuple], tuple]
     return DEFPrepared(
         precision=precision, variances=variances, curvature=curvature,
         noise_precision=noise_precision,
-        elbo_offset=_elbo_offset(model, precision, variances),
+        elbo_offset=_elbo_offset(model, precision, variances, noise_precision),
         coefficients=coefficients, method=tag)
   return prepare
 
@@ -1064,8 +1171,8 @@ def _parallel_quantities(curvature_fn: Callable[[GaussianDEF, tuple, tuple], tup
 def _parallel_coefficients(model: GaussianDEF, noise_precision) -> tuple:
   """Per latent layer ``l``: ``W^T diag(1/s_{l-1})`` in the form its ``W^T r`` product reads.
 
-  Dense ``[n_l, n_{l-1}]``; sparse gathered over the parent -> child slots ``[D, n_l]``
-  (``child_weights_t / s_child``); sparse scattered over the child -> parent slots
+  Dense ``[n_l, n_{l-1}]``; sparse gathered over the parent -> child slots: one ``[D_b, n_b]``
+  array per degree bucket (``child_weights_t[b] / s_child``); sparse scattered over the child -> parent slots
   ``[K, n_{l-1}]`` (``weights_t / s_child``). The divisor stays a division in the step: folded
   into these weights, XLA:CPU fuses the whole gather sum into every consumer of the update
   (measured 2x slower iteration).
@@ -1076,9 +1183,10 @@ def _parallel_coefficients(model: GaussianDEF, noise_precision) -> tuple:
     if lay is None:
       out.append(model.weights[l - 1].T * pc[None, :])
     elif _gather_transposed(lay):
-      # One gather over the flattened slots (a two-dimensional gather is slower on XLA:CPU).
-      flat = _take(pc, lay.children_t.reshape(-1)).reshape(lay.children_t.shape)
-      out.append(lay.child_weights_t * flat)
+      # One gather over the flattened slots per bucket (a two-dimensional gather is slower on
+      # XLA:CPU).
+      out.append(tuple(cw * _take(pc, c.reshape(-1)).reshape(c.shape)
+                       for c, cw in zip(lay.children_t, lay.child_weights_t)))
     else:
       out.append(lay.weights_t * pc[None, :])
   return tuple(out)
@@ -1094,10 +1202,13 @@ def _coefficient_precision(model: GaussianDEF, noise_precision, coefficients) ->
   for l in range(1, model.num_layers + 1):
     lay = model.layout[l - 1]
     if lay is not None and _gather_transposed(lay):
-      cw, coef = lay.child_weights_t, coefficients[l - 1]
-      extra = cw[0] * coef[0]
-      for k in range(1, cw.shape[0]):  # static, unrolled (as _gather_sum)
-        extra = extra + cw[k] * coef[k]
+      parts = []
+      for cw, coef in zip(lay.child_weights_t, coefficients[l - 1]):
+        part = cw[0] * coef[0]
+        for k in range(1, cw.shape[0]):  # static, unrolled (as _gather_sum)
+          part = part + cw[k] * coef[k]
+        parts.append(part)
+      extra = _unbucket(lay, parts)
     else:
       extra = _abs_rmatvec(model, l - 1, noise_precision[l - 1], square=True)
     out.append(noise_precision[l] + extra)
@@ -1112,7 +1223,7 @@ def _scaled_rmatvec(model: GaussianDEF, l: int, transposed: Array, r: Array,
   if lay is None:
     return (transposed if h is None else h(transposed)) @ r
   if _gather_transposed(lay):
-    return _gather_sum(transposed, lay.children_t, r, h)
+    return _bucket_gather_sum(lay, transposed, r, h)
   values = transposed if h is None else h(transposed)
   return _scatter_sum(values * r[None, :], lay.parents_t, model.sizes[l + 1])
 
@@ -1128,6 +1239,7 @@ def _parallel_step(model: GaussianDEF, state: DEFState, line_search: bool = Fals
   prep = state.prepared
   means = list(state.means)
   res = list(state.residuals)
+  gain = 0.0  # the ELBO's increase (line search: exact, from the search's reductions)
   for l in range(1, model.num_layers + 1):
     g = (-res[l] * prep.noise_precision[l]
          + _scaled_rmatvec(model, l - 1, prep.coefficients[l - 1], res[l - 1]))
@@ -1140,6 +1252,7 @@ def _parallel_step(model: GaussianDEF, state: DEFState, line_search: bool = Fals
       den = (jnp.sum(jnp.square(u) * prep.noise_precision[l - 1])
              + jnp.sum(jnp.square(delta) * prep.noise_precision[l]))
       alpha = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
+      gain = gain + alpha * num - 0.5 * jnp.square(alpha) * den
       means[l - 1] = means[l - 1] + alpha * delta
       res[l] = res[l] + alpha * delta
       # res[l - 1] already holds the move of the layer below (updated in its own step).
@@ -1150,7 +1263,9 @@ def _parallel_step(model: GaussianDEF, state: DEFState, line_search: bool = Fals
     # Recomputed rather than updated by -W delta: same cost, no drift over many iterations.
     below = model.x if l == 1 else means[l - 2]
     res[l - 1] = below - _matvec(model, l - 1, means[l - 1]) - model.biases[l - 1]
-  return DEFState(tuple(means), prep.variances, tuple(res), prep, state.iteration + 1)
+  elbo = None if not line_search or state.elbo is None else state.elbo + gain
+  return DEFState(tuple(means), prep.variances, tuple(res), prep, state.iteration + 1,
+                  elbo=elbo)
 
 
 def _cg_memory(model: GaussianDEF) -> CGMemory:
@@ -1208,7 +1323,10 @@ def _conjugate_step(model: GaussianDEF, state: DEFState) -> DEFState:
   new_res = tuple(r + alpha * u for r, u in zip(res, moves))
   # rho = 0 (at the optimum exactly): keep a positive rho_prev so that the next beta is finite.
   memory = CGMemory(direction=tuple(dirs), rho=jnp.where(rho > 0, rho, 1.0))
-  return DEFState(means, prep.variances, new_res, prep, state.iteration + 1, memory)
+  # The ELBO is quadratic along d: it rises by alpha g.d - alpha^2 d^T Lam d / 2.
+  elbo = (None if state.elbo is None
+          else state.elbo + alpha * slope - 0.5 * jnp.square(alpha) * den)
+  return DEFState(means, prep.variances, new_res, prep, state.iteration + 1, memory, elbo)
 
 
 def _children_rows(model: GaussianDEF, l: int):
@@ -1359,8 +1477,15 @@ def sequential_cavi(*, unroll: int = 8, buckets: Sequence[Any] | None = None) ->
           means[l - 1] = _add_at(means[l - 1], units, deltas)
           res[l] = _add_at(res[l], units, deltas)
       res[l - 1] = r_below
+    elbo = state.elbo
+    if elbo is not None:
+      # An exact coordinate move delta_i raises the ELBO by Lam_ii delta_i^2 / 2, whatever the
+      # order of the moves.
+      for l in range(1, model.num_layers + 1):
+        moved = means[l - 1] - state.means[l - 1]
+        elbo = elbo + 0.5 * jnp.sum(state.prepared.precision[l - 1] * jnp.square(moved))
     return DEFState(tuple(means), state.prepared.variances, tuple(res), state.prepared,
-                    state.iteration + 1)
+                    state.iteration + 1, elbo=elbo)
 
   return _make_solver("sequential", tag, _cavi_quantities(coefficients), step)
 
@@ -1587,8 +1712,8 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
   if divergence_rtol is None:
     divergence_rtol = 1000.0 * float(jnp.finfo(dtype).eps)
   # A state whose variances are the prepared optimum (the default init): the fit term suffices.
-  e0 = (_fit_elbo(state.prepared, state.residuals) if state.variances is state.prepared.variances
-        else state_elbo(model, state))
+  fit0 = _fit_elbo(state.prepared, state.residuals)
+  e0 = fit0 if state.variances is state.prepared.variances else state_elbo(model, state)
   trace = jnp.full((max_iters + 1,), jnp.nan, dtype).at[0].set(e0)
 
   budget = max_iters if limit is None else jnp.minimum(limit, max_iters)
@@ -1605,7 +1730,10 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
     st, e_prev, tr, it, _, _ = carry
     new = solver.step(model, st._replace(prepared=prepared))._replace(prepared=None)
     # A step leaves the variances at their optimum 1/Lam: only the fit term depends on the means.
-    e = _fit_elbo(prepared, new.residuals)
+    # Steps that know their ELBO gain carry the ELBO (DEFState.elbo); the others get it here.
+    if new.elbo is None:
+      new = new._replace(elbo=_fit_elbo(prepared, new.residuals))
+    e = new.elbo
     tr = tr.at[it + 1].set(e)
     if criterion == "elbo":
       done = jnp.abs(e - e_prev) <= tol * jnp.abs(e)
@@ -1616,7 +1744,9 @@ def solve(solver: DEFSolver, model: GaussianDEF, *, max_iters: int = 1000, tol: 
     bad = ~jnp.isfinite(e) | (e < e_prev - divergence_rtol * jnp.abs(e_prev))
     return new, e, tr, it + 1, done & ~bad, bad
 
-  carry = (state._replace(prepared=None), e0, trace, jnp.zeros((), jnp.int32),
+  # The carried ELBO is at the optimal variances (where every step leaves them), e0 at the
+  # state's own.
+  carry = (state._replace(prepared=None, elbo=fit0), e0, trace, jnp.zeros((), jnp.int32),
            jnp.zeros((), bool), jnp.zeros((), bool))
   state, _, trace, it, done, bad = jax.lax.while_loop(cond, body, carry)
   state = state._replace(prepared=prepared)
