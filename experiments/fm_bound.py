@@ -15,6 +15,9 @@ end:
   (equal accuracy for every method);
 * the ELBO trace, drawn against wall time (iteration i at ``i x`` the measured time per
   iteration, after the measured fixed cost of a solve).
+The ELBO trace is the solver's own (``SolveInfo.elbo``): for ``fm_ls``, ``fm_cg`` and sequential
+CAVI carried by each step's exact gain (``DEFState.elbo``), equal to the ELBO recomputed from
+the iterate up to rounding (tests/test_vi_def.py).
 Wall times are medians over ``reps`` interleaved repetitions (rotating method order).
 
 Outputs in the workdir: ``metrics.jsonl`` (one record per eps and method, then a summary),

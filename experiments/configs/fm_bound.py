@@ -11,13 +11,17 @@ Command (from the repo root):
 
 Expected on the 2-core CPU machine: default ~1 min. Forest-likeness 1.00 / 0.80 / 0.52 / 0.32 /
 0.27. Under the stopping rule FM takes 2 / 6 / 17 / 42 / 76 iterations, FM with the exact line
-search (``fm_ls``) 2 / 4 / 9 / 17 / 28, sequential CAVI 2 / 4 / 5 / 8 / 12 sweeps, each sweep
-costing 4-7x an FM iteration. End to end (run of 2026-12-07, 7 noisy repetitions): plain FM
-1.8 / 2.3 / 1.7 / 1.4 / 0.8x sequential CAVI's speed, ``fm_ls`` 1.8 / 2.5 / 1.9 / 2.1 / 1.7x;
+search (``fm_ls``) 2 / 4 / 9 / 17 / 28, conjugate FM directions (``fm_cg``) 2 / 4 / 7 / 10 / 13,
+sequential CAVI 2 / 4 / 5 / 8 / 11-12 sweeps, each sweep costing 4-7x an FM iteration. End to
+end (run of 2026-12-07, 7 noisy repetitions): plain FM 1.8 / 2.3 / 1.7 / 1.4 / 0.8x sequential
+CAVI's speed, ``fm_ls`` 1.8 / 2.5 / 1.9 / 2.1 / 1.7x;
 plain FM stops farther from the optimum (relative gap up to 9e-6 at eps = 1, ``fm_ls`` 2e-6,
 sequential 3e-7). To equal accuracy (gap 1e-6) plain FM's advantage shrinks to ~1x at eps >= 0.5,
 ``fm_ls`` keeps 1.3-1.8x. Naive parallel CAVI is the fastest while it converges and diverges at
-eps >= 0.5. The tuned, pinned figures are benchmarks/fm_bound.py's (BUILD_NOTES.md).
+eps >= 0.5. ``fm_cg`` (added after that run) needs the fewest iterations of the FM methods at
+every eps and is the fastest of them at eps >= 0.2. The tuned, pinned figures (all three FM
+methods, end to end and prepared once) are benchmarks/fm_bound.py's
+(benchmarks/results/fm_bound.json, BUILD_NOTES.md).
 `quick` (300 x 150, eps 0 / 1, 2 repetitions): ~30 s.
 """
 

@@ -1172,10 +1172,10 @@ def _parallel_coefficients(model: GaussianDEF, noise_precision) -> tuple:
   """Per latent layer ``l``: ``W^T diag(1/s_{l-1})`` in the form its ``W^T r`` product reads.
 
   Dense ``[n_l, n_{l-1}]``; sparse gathered over the parent -> child slots: one ``[D_b, n_b]``
-  array per degree bucket (``child_weights_t[b] / s_child``); sparse scattered over the child -> parent slots
-  ``[K, n_{l-1}]`` (``weights_t / s_child``). The divisor stays a division in the step: folded
-  into these weights, XLA:CPU fuses the whole gather sum into every consumer of the update
-  (measured 2x slower iteration).
+  array per degree bucket (``child_weights_t[b] / s_child``); sparse scattered over the
+  child -> parent slots ``[K, n_{l-1}]`` (``weights_t / s_child``). The divisor stays a
+  division in the step: folded into these weights, XLA:CPU fuses the whole gather sum into every
+  consumer of the update (measured 2x slower iteration).
   """
   out = []
   for l in range(1, model.num_layers + 1):
