@@ -56,7 +56,7 @@ from growjax.train.metrics import format_table  # noqa: E402
 
 LOSS = "softmax_cross_entropy"
 KS = (1, 2, 4, 8)
-LAMS = (3e-4, 1e-3, 3e-3, 6e-3, 1e-2)
+LAMS = (3e-4, 1e-3, 3e-3, 4.5e-3, 6e-3, 1e-2)
 LEARN = C.LearnConfig(psi_steps=40, psi_lr=0.1, oracle_steps=300, oracle_lrs=(3e-3, 1e-2, 3e-2))
 RELIN_ROUNDS = 4
 # Each re-linearisation round re-solves with the one-shot settings from the previous round's
@@ -266,6 +266,7 @@ def analyse(rows, timing, same_time):
     ks = np.array([r["k"] for r in rs])
     seeds = np.array([r["seed"] for r in rs])
     ok = oracle > 1e-6
+    ok_ho = oracle_ho > 1e-6
 
     def gn_site_agreement(lam):
       """Fraction of (seed, k) where GN's predicted-best site is the oracle's best site."""
@@ -277,13 +278,16 @@ def analyse(rows, timing, same_time):
           agree.append(max(group, key=lambda r: r[f"gn_pred@{lam:g}"])["site"] == best["site"])
       return float(np.mean(agree))
 
+    # The λ values the rows hold (an older results file may have another grid than LAMS).
+    lams = sorted({float(k.split("@")[1]) for k in rs[0] if k.startswith("gn_pred@")})
+
     def sweep(suffix):
       """Calibration per λ of the realised decrease ``gn_train{suffix}`` (at γ = 1, or after
       the line search); the λ the rule picks (the smallest calibration error among the λ whose
       median realised decrease is at least half the oracle's) and the eligible λ with the best
       Spearman correlation."""
       out_rows = []
-      for lam in LAMS:
+      for lam in lams:
         pred = np.array([r[f"gn_pred@{lam:g}"] for r in rs])
         real = np.array([r[f"gn_train{suffix}@{lam:g}"] for r in rs])
         out_rows.append({
@@ -292,6 +296,10 @@ def analyse(rows, timing, same_time):
             "spearman_within_k_min": min(_spearman(pred[ks == k], real[ks == k]) for k in KS),
             "median_real_over_pred": float(np.median(real[pred > 0] / pred[pred > 0])),
             "median_real_over_oracle": float(np.median(real[ok] / oracle[ok])),
+            # One-shot quality held out (candidates whose oracle decreases the held-out loss).
+            "median_heldout_over_oracle": float(np.median(
+                np.array([r[f"gn_heldout{suffix}@{lam:g}"] for r in rs])[ok_ho]
+                / oracle_ho[ok_ho])) if ok_ho.any() else float("nan"),
             "trivial_k_spearman": _spearman(ks, real),
             # Growth compares candidates of one network: the ranking within each seed network.
             "spearman_within_seed": [_spearman(pred[seeds == sd], real[seeds == sd])
@@ -304,6 +312,15 @@ def analyse(rows, timing, same_time):
       best = max(eligible, key=lambda l: np.nan_to_num(l["spearman"], nan=-2.0)) if (
           eligible) else None
       return out_rows, pick, best
+
+    def meets_all(rows):
+      """The λ at which every calibration target holds: realised ≥ half the oracle's, Spearman
+      ≥ 0.9 (all) and ≥ 0.8 (within each k), median realised/predicted in [0.8, 1.25], and
+      Spearman ≥ the trivial ranking by k + 0.05."""
+      return [l["lambda"] for l in rows
+              if l["median_real_over_oracle"] >= 0.5 and l["spearman"] >= 0.9
+              and l["spearman_within_k_min"] >= 0.8 and 0.8 <= l["median_real_over_pred"] <= 1.25
+              and l["spearman"] >= l["trivial_k_spearman"] + 0.05]
 
     lam_rows, chosen, _ = sweep("")
     lam_rows_ls, chosen_ls, best_ls = sweep("_ls")
@@ -328,7 +345,6 @@ def analyse(rows, timing, same_time):
     rel_tr = np.array([r["relin_train"] for r in rs])
     rel_ho = np.array([r["relin_heldout"] for r in rs])
     rel_tr_ls = np.array([r["relin_train_ls"] for r in rs])
-    ok_ho = oracle_ho > 1e-6
     t = [x for x in timing if x["task"] == task]
     gn_s = float(np.mean([x["gn_s"] for x in t])) if t else float("nan")
     or_s = float(np.mean([x["oracle_s"] for x in t])) if t else float("nan")
@@ -365,6 +381,8 @@ def analyse(rows, timing, same_time):
         "calibration_line_search": chosen_ls,
         "best_spearman_lambda_line_search": best_ls["lambda"] if best_ls else None,
         "calibration_line_search_best_spearman": best_ls,
+        "lambdas_meeting_every_calibration_target": meets_all(lam_rows),
+        "lambdas_meeting_every_calibration_target_line_search": meets_all(lam_rows_ls),
         "where_to_grow": {m: float(np.mean(a)) for m, a in agree.items()},
         "gn_over_oracle_train_median": float(np.median(gn_tr[ok] / oracle[ok])),
         "gn_over_oracle_train_ratio_of_sums": float(gn_tr[ok].sum() / oracle[ok].sum()),
@@ -553,6 +571,9 @@ def main():
       print(format_table(a["lambda_sweep_line_search"]))
       print(f"chosen λ (line search) = {a['chosen_lambda_line_search']}; eligible λ with the "
             f"best Spearman: {a['best_spearman_lambda_line_search']}")
+      print("λ meeting every calibration target: γ = 1 "
+            f"{a['lambdas_meeting_every_calibration_target']}, line search "
+            f"{a['lambdas_meeting_every_calibration_target_line_search']}")
       keys = ["gn_over_oracle_train_median", "gn_over_oracle_heldout_median",
               "relin_over_oracle_train_median", "relin_over_oracle_heldout_median",
               "gn_time_over_oracle", "relin_time_over_oracle",
