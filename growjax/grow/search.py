@@ -484,10 +484,10 @@ class Searcher:
     the proposal computes it, and the next round reuses that pass): a proposal that does not
     lower the loss is rejected and λ multiplied by 2, 4, 8, … for each rejection in a row
     (Nielsen's rule); otherwise λ follows ``lm_damping``; within ``GrowConfig.damping_bounds``.
-    The damping of a round is proximal (towards the current candidate; ``C.learn_gn``). Without this check the rounds diverge where the upper
-    network is far from linear over the step (the first hidden layer of the teacher-student
-    MLP: real loss rising by 10-1000x the oracle's decrease within 2-4 unchecked rounds).
-    Costs ``rounds + 1`` statistics passes.
+    The damping of a round is proximal (towards the current candidate; ``C.learn_gn``). Without
+    the check the rounds diverge where the upper network is far from linear over the step (the
+    first hidden layer of the teacher-student MLP: real loss rising by 10-1000x the oracle's
+    decrease within 2-4 unchecked rounds). Costs ``rounds + 1`` statistics passes.
     """
     name = cand.site
     site = self.sites(model)[name]
