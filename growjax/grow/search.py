@@ -506,6 +506,7 @@ class Searcher:
                      float("nan"), self.config.damping_bounds)
     out_cands = []
     grow_by = 2.0
+    pred = None  # the base-point GN prediction of the current candidate (changes on acceptance)
     for _ in range(rounds):
       out = learner(cur.sites[name], stats.y, psi, omega, jnp.asarray(lam, jnp.float32), delta)
       new_delta = C.candidate_delta(site, out.psi, out.omega, ss.h)
@@ -514,14 +515,15 @@ class Searcher:
       realised, predicted = cur_loss - new_loss, float(out.predicted)
       if math.isfinite(new_loss) and realised > 0:
         psi, omega = jax.device_get(out.psi), jax.device_get(out.omega)
-        delta, cur, cur_loss = new_delta, new, new_loss
+        delta, cur, cur_loss, pred = new_delta, new, new_loss, None
         lam = lm_damping(lam, realised / predicted if predicted > 0 else float("nan"),
                          self.config.damping_bounds)
         grow_by = 2.0
       else:  # rejected: λ grows faster with each rejection in a row (Nielsen's rule)
         lam = min(lam * grow_by, self.config.damping_bounds[1])
         grow_by *= 2.0
-      pred = float(-C.gn_model(ss.lin, self.loss, stats.y, delta))
+      if pred is None:
+        pred = float(-C.gn_model(ss.lin, self.loss, stats.y, delta))
       out_cands.append(cand._replace(psi=psi, omega=omega, predicted=pred, score=pred,
                                      seconds=cand.seconds + time.perf_counter() - t0))
     return out_cands

@@ -1050,8 +1050,6 @@ def _sum_log(arrays: Sequence[Array]) -> Array:
   return logs + float(np.log(2.0)) * exponent.astype(dtype)
 
 
-
-
 def _elbo_offset(model: GaussianDEF, precision, variances, noise_precision) -> Array:
   """The ELBO minus its fit term at the given variances (``_elbo_terms`` without the fit);
   ``noise_precision`` is ``1 / s`` per layer."""
