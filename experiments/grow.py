@@ -34,7 +34,8 @@ def grow_config(c) -> grow.GrowConfig:
   learn = LearnConfig(damping=c.damping, fan_out_solver=c.fan_out_solver,
                       psi_steps=c.psi_steps, psi_lr=c.psi_lr, psi_init=c.psi_init)
   return grow.GrowConfig(method=c.method, ks=tuple(c.ks), rank_by=c.rank_by,
-                         round_budget=c.round_budget, max_morphisms=c.max_morphisms,
+                         round_budget=c.round_budget, round_budget_frac=c.round_budget_frac,
+                         max_morphisms=c.max_morphisms,
                          gammas=tuple(c.gammas), damping=c.damping,
                          adapt_damping=c.adapt_damping, relinearize=c.relinearize, learn=learn)
 

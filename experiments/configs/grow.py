@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Growth method and round (growjax.grow.GrowConfig).
   c.grow = ml_collections.ConfigDict({
       "method": "gn", "ks": (1, 2, 4, 8), "rank_by": "params", "round_budget": 400,
-      "max_morphisms": 2, "damping": 2e-3, "adapt_damping": True, "relinearize": 0,
+      "round_budget_frac": 0.0, "max_morphisms": 2, "damping": 2e-3, "adapt_damping": True,
+      "relinearize": 0,
       "fan_out_solver": "cg", "psi_steps": 20, "psi_lr": 3e-2, "psi_init": "random",
       "gammas": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)})
   # When to grow (growjax.grow.Schedule). val_patience=1: stop growing at the first round whose

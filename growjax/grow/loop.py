@@ -134,7 +134,7 @@ class Grower:
     if self.rounds >= s.max_rounds:
       self._stop(f"reached max_rounds={s.max_rounds}")
       return None
-    budget = self.searcher.config.round_budget
+    budget = self.searcher.config.budget(params)
     if s.max_params is not None:
       budget = min(budget, s.max_params - params)
       if budget <= 0:

@@ -3,8 +3,9 @@
 ``grow_round`` implements the round of Lawton, Galstyan & Ver Steeg (2024, arXiv:2411.05855):
 collect statistics on a batch → learn and score candidates (k new units, k from the config) at
 every site with the configured method → rank by score per added parameter (or FLOP) → fill the
-round's budget greedily (one morphism per site; before each further morphism the statistics are
-recollected on the grown network and the candidate re-solved, since gains are not additive) →
+round's budget greedily (gains are not additive: after a morphism its site's candidates are
+re-solved on the grown network, and a candidate of another site is re-solved before it is applied;
+a site may be chosen again) →
 apply each with a line search on the scale γ of its fan-out on the real loss → log predicted and
 realised loss change and adapt λ Levenberg-Marquardt-style (ρ < ¼: λ×2; ρ > ¾: λ/2). A candidate
 with a NaN, or (for model-based methods) a predicted gain ≤ 0, is rejected, logged, not applied.
@@ -48,6 +49,9 @@ class GrowConfig:
     sites: site names to consider (None: every ``units`` site).
     rank_by: ``"params"`` or ``"flops"`` (score per added parameter / FLOP).
     round_budget: parameters that one round may add (at least one morphism is applied).
+    round_budget_frac: if > 0, a round may also add at most this fraction of the network's
+      parameters before the round (geometric growth: small networks grow by little, large ones
+      by more); ``round_budget`` still caps it.
     max_morphisms: morphisms per round at most.
     gammas: fan-out scales tried by the line search (0 keeps the function).
     damping: initial λ.
@@ -81,6 +85,7 @@ class GrowConfig:
   sites: tuple[str, ...] | None = None
   rank_by: str = "params"
   round_budget: int = 10**9
+  round_budget_frac: float = 0.0
   max_morphisms: int = 1
   gammas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
   damping: float = 2e-3
@@ -118,6 +123,15 @@ class GrowConfig:
                        "re-linearisation runs on the unpadded network); set one of them to 0.")
     if not self.damping > 0:
       raise ValueError(f"GrowConfig.damping must be positive, got {self.damping}.")
+    if self.round_budget_frac < 0:
+      raise ValueError("GrowConfig.round_budget_frac must be >= 0 (0: off), got "
+                       f"{self.round_budget_frac}.")
+
+  def budget(self, params: int) -> int:
+    """Parameters a round may add to a network of ``params`` parameters."""
+    if self.round_budget_frac > 0:
+      return min(self.round_budget, int(self.round_budget_frac * params))
+    return self.round_budget
 
 
 class Candidate(NamedTuple):
@@ -643,7 +657,7 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
     ``"rejected"``) with predicted and realised loss changes, γ, ρ and λ.
   """
   cfg = searcher.config
-  budget = cfg.round_budget if budget is None else budget
+  budget = cfg.budget(tree.count(variables["params"])) if budget is None else budget
   names = searcher.site_names(model)
   records: list[dict] = []
   if cfg.method in ("random", "net2net"):
@@ -665,41 +679,47 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
                                    rngs[name], view=view)
   base_loss = float(stats.loss)
   all_cands = list(cands)
-  ranked = sorted(cands, key=lambda c: -c.rank_value(cfg.rank_by))
-  used_sites: set[str] = set()
+  pool = list(cands)
+  # Statistics on the current network, by site; the pooled candidates of these sites were
+  # learned on it.
+  fresh = {name: stats for name in names}
+  blocked: set[str] = set()  # sites whose candidate was rejected in this round
   spent = 0
   applied = 0
-  for cand in ranked:
-    if applied >= cfg.max_morphisms or cand.site in used_sites:
-      continue
-    if applied and spent + cand.params > budget:
-      continue
-    if applied:
+  while applied < cfg.max_morphisms:
+    fits = [c for c in pool if c.site not in blocked and (not applied or
+                                                          spent + c.params <= budget)]
+    if not fits:
+      break
+    cand = max(fits, key=lambda c: c.rank_value(cfg.rank_by))
+    if cand.site not in fresh:
       # Gains are not additive: re-solve this candidate on the grown network.
       view = searcher.padded(model, variables) if cfg.width_bucket else None
-      stats = searcher.stats(*(view or (model, variables)), x, y, (cand.site,))
-      cand = searcher.candidate(model, variables, stats, cand.site, cand.k, cfg.method,
-                                damping, rng, view=view)
-      base_loss = float(stats.loss)
+      fresh[cand.site] = searcher.stats(*(view or (model, variables)), x, y, (cand.site,))
+      base_loss = float(fresh[cand.site].loss)
+      pool.remove(cand)
+      cand = searcher.candidate(model, variables, fresh[cand.site], cand.site, cand.k,
+                                cfg.method, damping, rng, view=view)
+      if applied and spent + cand.params > budget:  # its size grew with a neighbouring site
+        continue
     if cfg.method == "gn" and cfg.relinearize:
-      cand = searcher.relinearized(model, variables, stats, cand, cfg.relinearize, damping)[-1]
+      cand = searcher.relinearized(model, variables, fresh[cand.site], cand, cfg.relinearize,
+                                   damping)[-1]
     reason = None
     if not _finite(cand):
       reason = "non-finite candidate (NaN/inf)"
     elif cfg.method in MODEL_BASED and cand.predicted <= 0:
       reason = f"predicted gain {cand.predicted:.3g} <= 0"
+    if reason is None:
+      gammas = np.asarray(cfg.gammas, np.float32)
+      losses = searcher.real_losses(model, variables, cand, x, y, gammas,
+                                    h=fresh[cand.site].sites[cand.site].h, view=view)
+      if not np.all(np.isfinite(losses)):
+        reason = "non-finite loss in the line search"
     if reason is not None:
       records.append({"op": "rejected", "site": cand.site, "k": cand.k, "method": cfg.method,
                       "reason": reason, "predicted": cand.predicted, "damping": damping})
-      used_sites.add(cand.site)
-      continue
-    gammas = np.asarray(cfg.gammas, np.float32)
-    losses = searcher.real_losses(model, variables, cand, x, y, gammas,
-                                  h=stats.sites[cand.site].h, view=view)
-    if not np.all(np.isfinite(losses)):
-      records.append({"op": "rejected", "site": cand.site, "k": cand.k, "method": cfg.method,
-                      "reason": "non-finite loss in the line search", "damping": damping})
-      used_sites.add(cand.site)
+      blocked.add(cand.site)
       continue
     best = int(np.argmin(losses))
     gamma = float(gammas[best])
@@ -719,9 +739,19 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
                 "flops_added": cand.flops, "loss_before": base_loss,
                 "seconds_learn": cand.seconds})
     records.append(rec)
-    used_sites.add(cand.site)
     spent += cand.params
     applied += 1
+    # The grown site may be chosen again: re-solve every size there on the grown network (the
+    # other sites' candidates are re-solved only if chosen).
+    pool = [c for c in pool if c.site != cand.site]
+    fresh = {}
+    if applied < cfg.max_morphisms and any(spent + c.params <= budget for c in all_cands
+                                           if c.site == cand.site):
+      view = searcher.padded(model, variables) if cfg.width_bucket else None
+      fresh[cand.site] = searcher.stats(*(view or (model, variables)), x, y, (cand.site,))
+      base_loss = float(fresh[cand.site].loss)
+      pool += searcher.candidates(model, variables, fresh[cand.site], cand.site, cfg.ks,
+                                  cfg.method, damping, rngs[cand.site], view=view)
   return RoundResult(model, variables, records, damping, all_cands)
 
 
@@ -730,9 +760,8 @@ def _structural_round(searcher, model, variables, x, y, names, gen, rng, budget,
   cfg = searcher.config
   records = []
   spent = 0
-  order = list(gen.permutation(len(names)))
-  for i in order[:cfg.max_morphisms]:
-    name = names[i]
+  for _ in range(cfg.max_morphisms):  # like the learned methods: a site may be drawn again
+    name = names[int(gen.integers(len(names)))]
     site = model.growth_sites()[name]
     k = int(cfg.ks[gen.integers(len(cfg.ks))]) if len(cfg.ks) > 1 else int(cfg.ks[0])
     params = site.params_per_unit(variables) * k
