@@ -59,6 +59,7 @@ KS = (1, 2, 4, 8)
 LAMS = (3e-4, 1e-3, 3e-3, 4.5e-3, 6e-3, 1e-2)
 LEARN = C.LearnConfig(psi_steps=40, psi_lr=0.1, oracle_steps=300, oracle_lrs=(3e-3, 1e-2, 3e-2))
 RELIN_ROUNDS = 4
+RELIN_BACKTRACKS = grow.GrowConfig().relin_backtracks  # halvings of a rejected proposal
 # Each re-linearisation round re-solves with the one-shot settings from the previous round's
 # solution (10 fan-in steps per round instead of 40 reached only 0.76 of the oracle on digits after
 # 4 rounds, against 0.89).
@@ -130,20 +131,22 @@ def line_searched(s, model, v, cand, x, y, xv, yv) -> dict:
 
 
 def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, quick: bool,
-                    relin_learn: C.LearnConfig = RELIN_LEARN, learn: C.LearnConfig = LEARN):
+                    relin_learn: C.LearnConfig = RELIN_LEARN, learn: C.LearnConfig = LEARN,
+                    relin_rounds_n: int = RELIN_ROUNDS, relin_backtracks: int = RELIN_BACKTRACKS):
   """Part 1 (and 2 for task='conv'): every candidate of every method, with timings."""
   rows = []
   timing = []
   searchers = {m: grow.Searcher(LOSS, grow.GrowConfig(method=m, learn=learn))
                for m in ("gn", "tiny", "gradmax", "oracle", "firefly")}
-  relin = grow.Searcher(LOSS, grow.GrowConfig(learn=relin_learn))
+  relin = grow.Searcher(LOSS, grow.GrowConfig(learn=relin_learn,
+                                              relin_backtracks=relin_backtracks))
 
   def relin_rounds(model, v, stats, c, lam):
-    """The GN candidate after 1, …, RELIN_ROUNDS re-linearisation rounds (Levenberg-Marquardt,
+    """The GN candidate after 1, …, relin_rounds_n re-linearisation rounds (Levenberg-Marquardt,
     each proposal checked on the real loss), each round's wall time (seconds since the one-shot
     solution)."""
     return [(r, r.seconds - c.seconds)
-            for r in relin.relinearized(model, v, stats, c, RELIN_ROUNDS, lam)]
+            for r in relin.relinearized(model, v, stats, c, relin_rounds_n, lam)]
   compile_s = {}
   for seed in range(seeds):
     model, v, splits = seed_network(task, seed, train_steps)
@@ -221,11 +224,11 @@ def candidates_part(task: str, seeds: int, train_steps: int, stats_batch: int, q
                                                        yv)
         for r, (rel, _) in enumerate(relin_rounds(model, v, stats, c, 1e-3), 1):
           d = line_searched(gn, model, v, rel, x, y, xv, yv)
-          suffix = "" if r == RELIN_ROUNDS else f"@r{r}"
-          row["relin_train" + suffix] = d["train"]
-          row["relin_train_ls" + suffix] = d["train_ls"]
-          row["relin_heldout" + suffix] = held_out_decrease(gn, model, v, rel, xv, yv)
-          row["relin_heldout_ls" + suffix] = d["heldout_ls"]
+          for suffix in (f"@r{r}",) + (("",) if r == relin_rounds_n else ()):
+            row["relin_train" + suffix] = d["train"]
+            row["relin_train_ls" + suffix] = d["train_ls"]
+            row["relin_heldout" + suffix] = held_out_decrease(gn, model, v, rel, xv, yv)
+            row["relin_heldout_ls" + suffix] = d["heldout_ls"]
         rows.append(row)
   # Adam on the real loss given GN's wall time (firefly learner with that many steps).
   same_time = []
@@ -352,9 +355,10 @@ def analyse(rows, timing, same_time):
     ls_s = float(np.mean([x["line_search_s"] for x in t])) if t else float("nan")
     # Quality against cost after each re-linearisation round (older runs: the last round only).
     relin_curve = []
-    for r in range(1, RELIN_ROUNDS + 1):
-      suffix = "" if r == RELIN_ROUNDS else f"@r{r}"
-      if "relin_train" + suffix not in rs[0] or not t or "relin_extra_s_per_round" not in t[0]:
+    for r in range(1, len(t[0].get("relin_extra_s_per_round", ())) + 1 if t else 1):
+      # Every round's keys carry "@r<round>" (older runs: not the last round's).
+      suffix = f"@r{r}" if f"relin_train@r{r}" in rs[0] else ""
+      if "relin_train" + suffix not in rs[0]:
         continue
       extra = float(np.mean([x["relin_extra_s_per_round"][r - 1] for x in t]))
       tr = np.array([x["relin_train" + suffix] for x in rs])
@@ -517,6 +521,11 @@ def main():
                       "better validation loss (0: off)")
   p.add_argument("--relin_psi_steps", type=int, default=RELIN_LEARN.psi_steps,
                  help="fan-in Adam steps in each re-linearisation round")
+  p.add_argument("--relin_rounds", type=int, default=RELIN_ROUNDS,
+                 help="re-linearisation rounds (each is reported with its cumulative time)")
+  p.add_argument("--relin_backtracks", type=int, default=RELIN_BACKTRACKS,
+                 help="GrowConfig.relin_backtracks: halvings of a rejected proposal tried")
+  p.add_argument("--tasks", default="digits,teacher", help="tasks of the candidates part")
   p.add_argument("--reanalyse", default="",
                  help="recompute the analysis of an existing results JSON from its stored rows "
                       "(no training; rewrites that file)")
@@ -536,21 +545,25 @@ def main():
   parts = args.parts.split(",")
   relin_learn = LEARN._replace(psi_steps=args.relin_psi_steps)
   report = {"config": {"ks": KS, "lambdas": LAMS, "learn": LEARN._asdict(),
-                       "relinearize_rounds": RELIN_ROUNDS,
+                       "relinearize_rounds": args.relin_rounds,
+                       "relinearize_backtracks": args.relin_backtracks,
                        "relinearize_psi_steps": args.relin_psi_steps, "seeds": seeds,
                        "train_steps": train_steps, "devices": str(jax.devices())}}
   rows, timing, same, compile_s = [], [], [], {}
   t0 = time.time()
   if "candidates" in parts:
-    for task in ("digits", "teacher"):
-      r, t, s, c = candidates_part(task, seeds, train_steps, 512, args.quick, relin_learn)
+    for task in args.tasks.split(","):
+      r, t, s, c = candidates_part(task, seeds, train_steps, 512, args.quick, relin_learn,
+                                   relin_rounds_n=args.relin_rounds,
+                                   relin_backtracks=args.relin_backtracks)
       rows += r
       timing += t
       same += s
       compile_s.update({f"{task}/{k}": v for k, v in c.items()})
   if "conv" in parts:
     r, t, s, c = candidates_part("conv", max(1, seeds // 2), train_steps, 256, args.quick,
-                                 relin_learn)
+                                 relin_learn, relin_rounds_n=args.relin_rounds,
+                                 relin_backtracks=args.relin_backtracks)
     rows += r
     timing += t
     same += s

@@ -482,13 +482,15 @@ def test_relinearised_fan_out_is_the_proximal_solve(digits_mlp, solver):
   np.testing.assert_allclose(float(learned.predicted), -float(q(want)), rtol=1e-3, atol=1e-7)
 
 
-def test_relinearized_rounds_never_raise_the_real_loss(digits_mlp):
-  """Each round's proposal is checked on the real loss: from an over-scaled start (fan-out ×30,
-  far worse than no growth, where the GN model is poor) the rounds' real losses on the
-  statistics batch never rise and fall well below the start; the prediction stays the
-  base-point GN model of the returned candidate."""
+@pytest.mark.parametrize("backtracks", [0, 2])
+def test_relinearized_rounds_never_raise_the_real_loss(digits_mlp, backtracks):
+  """Each round's proposal is checked on the real loss (and, with backtracks, shortened before
+  it is rejected): from an over-scaled start (fan-out ×30, far worse than no growth, where the
+  GN model is poor) the rounds' real losses on the statistics batch never rise and fall well
+  below the start; the prediction stays the base-point GN model of the returned candidate."""
   model, v, x, y, _ = digits_mlp
-  s = _searcher(psi_steps=10)
+  s = grow.Searcher(XENT, grow.GrowConfig(learn=C.LearnConfig(psi_steps=10),
+                                          relin_backtracks=backtracks))
   name = "hidden_0"
   stats = s.stats(model, v, x, y, (name,))
   cand = s.candidate(model, v, stats, name, 4, "gn", 1e-2, jax.random.key(1))

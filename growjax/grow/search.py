@@ -61,6 +61,9 @@ class GrowConfig:
       statistics batch ever more tightly (on digits a floor of 1e-3 instead of 1e-6 lowered the
       grown network's mean validation loss over 3 seeds from 0.25 to 0.22).
     relinearize: extra re-linearisation rounds of the GN solve (LM iterations).
+    relin_backtracks: a re-linearisation proposal that raises the real loss is first shortened
+      (the point halfway towards it from the current candidate, then a quarter, ...) this many
+      times before the round is rejected (0: rejected at once).
     learn: candidate-learning hyper-parameters.
     width_bucket: 0 (off) or a bucket size B: statistics, candidate learning and the line search
       run on the network padded at every site with inert units (zero fan-in, bias and fan-out:
@@ -92,6 +95,7 @@ class GrowConfig:
   adapt_damping: bool = True
   damping_bounds: tuple[float, float] = (1e-3, 10.0)
   relinearize: int = 0
+  relin_backtracks: int = 2
   learn: C.LearnConfig = C.LearnConfig()
   width_bucket: int = 0
   fused: bool = False
@@ -496,12 +500,16 @@ class Searcher:
 
     Every proposal is checked on the real loss of the statistics batch (the statistics pass at
     the proposal computes it, and the next round reuses that pass): a proposal that does not
-    lower the loss is rejected and λ multiplied by 2, 4, 8, … for each rejection in a row
-    (Nielsen's rule); otherwise λ follows ``lm_damping``; within ``GrowConfig.damping_bounds``.
-    The damping of a round is proximal (towards the current candidate; ``C.learn_gn``). Without
+    lower the loss is first shortened (``GrowConfig.relin_backtracks`` halvings of the step
+    from the current candidate; a shortened step that lowers the loss is taken and λ doubled),
+    else rejected and λ multiplied by 2, 4, 8, … for each rejection in a row (Nielsen's rule);
+    after a full step λ follows ``lm_damping``; within ``GrowConfig.damping_bounds``. The
+    damping of a round is proximal (towards the current candidate; ``C.learn_gn``). Without
     the check the rounds diverge where the upper network is far from linear over the step (the
     first hidden layer of the teacher-student MLP: real loss rising by 10-1000x the oracle's
-    decrease within 2-4 unchecked rounds). Costs ``rounds + 1`` statistics passes.
+    decrease within 2-4 unchecked rounds); without the backtracking its first rounds there are
+    mostly rejected (a statistics pass costs a few percent of a solve). Costs ``rounds + 1``
+    statistics passes, plus one per backtracking step.
     """
     name = cand.site
     site = self.sites(model)[name]
@@ -511,9 +519,18 @@ class Searcher:
     learner = self._jit(("relin", model, name), lambda: jax.jit(
         lambda ss, y, psi0, om0, lam, base: C.learn_gn(site, ss, y, self.loss, psi0, om0,
                                                        self.config.learn, lam, base)))
-    delta = C.candidate_delta(site, psi, omega, ss.h)
-    cur = self.stats(model, variables, stats.x, stats.y, (name,), offsets={name: delta})
-    cur_loss = self._offset_loss(cur.sites[name], stats.y)
+    delta_of = self._jit(("relin_delta", model, name), lambda: jax.jit(
+        lambda psi, omega, h: C.candidate_delta(site, psi, omega, h)))
+    prediction = self._jit(("relin_pred", model, name), lambda: jax.jit(
+        lambda lin, y, d: -C.gn_model(lin, self.loss, y, d)))
+
+    def at(psi, omega):
+      """(δ, statistics linearised at the point, its real loss)."""
+      d = delta_of(psi, omega, ss.h)
+      st = self.stats(model, variables, stats.x, stats.y, (name,), offsets={name: d})
+      return d, st, self._offset_loss(st.sites[name], stats.y)
+
+    delta, cur, cur_loss = at(psi, omega)
     # The one-shot step's own agreement (its real loss is in this first pass) sets the start.
     realised = float(stats.loss) - cur_loss
     lam = lm_damping(float(damping), realised / cand.predicted if cand.predicted > 0 else
@@ -523,21 +540,32 @@ class Searcher:
     pred = None  # the base-point GN prediction of the current candidate (changes on acceptance)
     for _ in range(rounds):
       out = learner(cur.sites[name], stats.y, psi, omega, jnp.asarray(lam, jnp.float32), delta)
-      new_delta = C.candidate_delta(site, out.psi, out.omega, ss.h)
-      new = self.stats(model, variables, stats.x, stats.y, (name,), offsets={name: new_delta})
-      new_loss = self._offset_loss(new.sites[name], stats.y)
+      new_psi, new_omega = jax.device_get(out.psi), jax.device_get(out.omega)
+      new_delta, new, new_loss = at(new_psi, new_omega)
       realised, predicted = cur_loss - new_loss, float(out.predicted)
+      step, trial = 1.0, (new_psi, new_omega)
+      for _ in range(self.config.relin_backtracks):
+        if math.isfinite(new_loss) and realised > 0:
+          break
+        # Backtrack along the segment to the proposal: statistics passes only, no new solve.
+        step *= 0.5
+        trial = jax.tree.map(lambda a, b: a + step * (b - a), (psi, omega), (new_psi, new_omega))
+        new_delta, new, new_loss = at(*trial)
+        realised = cur_loss - new_loss
       if math.isfinite(new_loss) and realised > 0:
-        psi, omega = jax.device_get(out.psi), jax.device_get(out.omega)
+        psi, omega = trial
         delta, cur, cur_loss, pred = new_delta, new, new_loss, None
-        lam = lm_damping(lam, realised / predicted if predicted > 0 else float("nan"),
-                         self.config.damping_bounds)
-        grow_by = 2.0
+        if step == 1.0:
+          lam = lm_damping(lam, realised / predicted if predicted > 0 else float("nan"),
+                           self.config.damping_bounds)
+          grow_by = 2.0
+        else:  # the full step was too long: a shorter one next round
+          lam = min(lam * 2.0, self.config.damping_bounds[1])
       else:  # rejected: λ grows faster with each rejection in a row (Nielsen's rule)
         lam = min(lam * grow_by, self.config.damping_bounds[1])
         grow_by *= 2.0
       if pred is None:
-        pred = float(-C.gn_model(ss.lin, self.loss, stats.y, delta))
+        pred = float(prediction(ss.lin, stats.y, delta))
       out_cands.append(cand._replace(psi=psi, omega=omega, predicted=pred, score=pred,
                                      seconds=cand.seconds + time.perf_counter() - t0))
     return out_cands
@@ -686,6 +714,17 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
   blocked: set[str] = set()  # sites whose candidate was rejected in this round
   spent = 0
   applied = 0
+
+  def refresh(name):
+    """Re-solves every size at site ``name`` on the current network (replacing its pooled
+    candidates)."""
+    nonlocal view, base_loss, pool
+    view = searcher.padded(model, variables) if cfg.width_bucket else None
+    fresh[name] = searcher.stats(*(view or (model, variables)), x, y, (name,))
+    base_loss = float(fresh[name].loss)
+    pool = [c for c in pool if c.site != name] + searcher.candidates(
+        model, variables, fresh[name], name, cfg.ks, cfg.method, damping, rngs[name], view=view)
+
   while applied < cfg.max_morphisms:
     fits = [c for c in pool if c.site not in blocked and (not applied or
                                                           spent + c.params <= budget)]
@@ -693,15 +732,10 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
       break
     cand = max(fits, key=lambda c: c.rank_value(cfg.rank_by))
     if cand.site not in fresh:
-      # Gains are not additive: re-solve this candidate on the grown network.
-      view = searcher.padded(model, variables) if cfg.width_bucket else None
-      fresh[cand.site] = searcher.stats(*(view or (model, variables)), x, y, (cand.site,))
-      base_loss = float(fresh[cand.site].loss)
-      pool.remove(cand)
-      cand = searcher.candidate(model, variables, fresh[cand.site], cand.site, cand.k,
-                                cfg.method, damping, rng, view=view)
-      if applied and spent + cand.params > budget:  # its size grew with a neighbouring site
-        continue
+      # Gains are not additive: re-solve the site's candidates on the grown network and choose
+      # again.
+      refresh(cand.site)
+      continue
     if cfg.method == "gn" and cfg.relinearize:
       cand = searcher.relinearized(model, variables, fresh[cand.site], cand, cfg.relinearize,
                                    damping)[-1]
@@ -747,11 +781,7 @@ def grow_round(searcher: Searcher, model: nn.Module, variables, x, y, *, damping
     fresh = {}
     if applied < cfg.max_morphisms and any(spent + c.params <= budget for c in all_cands
                                            if c.site == cand.site):
-      view = searcher.padded(model, variables) if cfg.width_bucket else None
-      fresh[cand.site] = searcher.stats(*(view or (model, variables)), x, y, (cand.site,))
-      base_loss = float(fresh[cand.site].loss)
-      pool += searcher.candidates(model, variables, fresh[cand.site], cand.site, cfg.ks,
-                                  cfg.method, damping, rngs[cand.site], view=view)
+      refresh(cand.site)
   return RoundResult(model, variables, records, damping, all_cands)
 
 
