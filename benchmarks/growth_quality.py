@@ -42,6 +42,7 @@ import json
 import os
 import sys
 import time
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -66,7 +67,9 @@ RELIN_BACKTRACKS = grow.GrowConfig().relin_backtracks  # halvings of a rejected 
 RELIN_LEARN = LEARN
 GAMMAS = grow.GrowConfig().gammas  # the growth loop's line search on the fan-out scale
 I_ONE = GAMMAS.index(1.0)
-VAL_PATIENCE = 1  # the growth search's validation stopping rule (growjax.grow.Schedule)
+VAL_PATIENCE = 0  # the growth search's validation stopping rule (growjax.grow.Schedule; 0: off)
+SEARCH_BUDGET_FRAC = 1.0  # growth search: a round adds up to this fraction of the parameters
+SEARCH_MAX_PARAMS = 6000  # growth search: parameter budget of every growth method (64-64: 8,970)
 
 
 def _timed(fn, reps=3):
@@ -412,27 +415,33 @@ def analyse(rows, timing, same_time):
   return out
 
 
-def search_part(steps: int, quick: bool, seeds: int, val_patience: int, resplit: bool):
+SEARCH_METHODS = ("gn", "gradmax", "tiny", "random")
+
+
+def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int, resplit: bool,
+                budget_frac: float = SEARCH_BUDGET_FRAC, max_params: int = SEARCH_MAX_PARAMS):
   """Part 3: growth loops under the same training budget, and a fixed-size width sweep, over
   ``seeds`` seeds (initialisation and growth randomness; with ``resplit`` also the stratified
   train/val/test split, else split 0 for every seed). Single runs differ by ±0.015 in validation
   accuracy (the validation split has 270 examples), so methods are compared on seed means and
   on per-seed paired differences. Every growth method runs under the same schedule,
-  ``val_patience`` (the validation stopping rule) included."""
-  methods = ("gn", "gradmax", "tiny", "random")
-  per_seed = {m: [] for m in methods}
+  ``val_patience`` (the validation stopping rule) included: a round every ``steps // 13`` steps
+  may add ``budget_frac`` of the network's parameters (up to 8 morphisms, a site may be chosen
+  again), growth stops at ``max_params``."""
+  per_seed = {m: [] for m in SEARCH_METHODS}
   fixed_runs = {}
-  for seed in range(seeds):
+  for seed in seeds:
     splits = data.load_digits(seed=seed if resplit else 0)
-    for method in methods:
+    for method in SEARCH_METHODS:
       model = nets.MLP(widths=(8, 8))
       tx = optax.adam(3e-3)
       trainer = train.make_trainer(tx)
-      cfg = grow.GrowConfig(method=method, ks=(1, 2, 4, 8), round_budget=400, max_morphisms=2,
+      cfg = grow.GrowConfig(method=method, ks=(1, 2, 4, 8), round_budget_frac=budget_frac,
+                            max_morphisms=8, width_bucket=16,
                             learn=C.LearnConfig(psi_steps=20, psi_lr=0.1))
       grower = grow.Grower(grow.Searcher(LOSS, cfg), splits, trainer,
                            grow.Schedule(every=steps // 13, warmup=steps // 13,
-                                         max_rounds=2 if quick else 10, max_params=4000,
+                                         max_rounds=2 if quick else 10, max_params=max_params,
                                          val_patience=val_patience),
                            seed=seed)
       state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx)
@@ -461,6 +470,13 @@ def search_part(steps: int, quick: bool, seeds: int, val_patience: int, resplit:
           {"seed": seed, "params": tree.count(res.state.params), "val_loss": val["loss"],
            "val_accuracy": val["accuracy"], "test_loss": test["loss"],
            "test_accuracy": test["accuracy"]})
+  return search_summary(per_seed, fixed_runs)
+
+
+def search_summary(per_seed: dict, fixed_runs: dict):
+  """Means, the best fixed width and GN's paired differences from per-seed runs (``per_seed``:
+  method → runs; ``fixed_runs``: widths → runs)."""
+  methods = tuple(per_seed)
 
   def mean(runs, key):
     return float(np.mean([r[key] for r in runs]))
@@ -482,13 +498,13 @@ def search_part(steps: int, quick: bool, seeds: int, val_patience: int, resplit:
   def paired(key):
     """Mean and standard error over seeds of GN's figure minus the best fixed width's (same
     seed, same split)."""
+    assert [a["seed"] for a in g["runs"]] == [b["seed"] for b in best["runs"]]
     diff = np.array([a[key] - b[key] for a, b in zip(g["runs"], best["runs"])])
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     return {"mean": float(diff.mean()), "se": se}
 
   summary = {
-      "seeds": seeds,
-      "resplit": resplit,
+      "seeds": [r["seed"] for r in g["runs"]],
       "gn_minus_best_fixed": {k: paired(k) for k in ("val_accuracy", "test_accuracy",
                                                      "val_loss", "test_loss")},
       "best_fixed": {k: best[k] for k in ("widths", "params", "val_loss", "val_accuracy",
@@ -508,6 +524,32 @@ def search_part(steps: int, quick: bool, seeds: int, val_patience: int, resplit:
   return results, fixed, summary
 
 
+def merge_search(paths: Sequence[str]) -> dict:
+  """One report from growth-search runs on disjoint seeds (same settings)."""
+  reports = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      reports.append(json.load(f))
+  keys = ("val_patience", "budget_frac", "max_params", "resplit")
+  settings = {tuple(r["search"]["summary"].get(k) for k in keys) for r in reports}
+  if len(settings) != 1:
+    raise ValueError(f"--merge_search needs runs with the same settings {keys}; got {settings}.")
+  per_seed = {m: [run for r in reports for run in r["search"]["methods"][m]["runs"]]
+              for m in reports[0]["search"]["methods"]}
+  fixed_runs = {}
+  for r in reports:
+    for f in r["search"]["fixed"]:
+      fixed_runs.setdefault(tuple(f["widths"]), []).extend(f["runs"])
+  seeds = [run["seed"] for run in per_seed["gn"]]
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"--merge_search needs disjoint seeds; got {sorted(seeds)}.")
+  results, fixed, summary = search_summary(per_seed, fixed_runs)
+  summary.update(dict(zip(keys, settings.pop())))
+  return {"config": reports[0]["config"], "merged_from": list(paths),
+          "seconds": sum(r.get("seconds", 0.0) for r in reports),
+          "search": {"methods": results, "fixed": fixed, "summary": summary}}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="smoke run (1 seed, short training)")
@@ -519,6 +561,16 @@ def main():
   p.add_argument("--val_patience", type=int, default=VAL_PATIENCE,
                  help="growth-search schedule: stop growing after this many rounds without a "
                       "better validation loss (0: off)")
+  p.add_argument("--search_seed_list", default="",
+                 help="comma-separated seeds of the growth-search part (overrides --search_seeds; "
+                      "runs on disjoint seeds are combined with --merge_search)")
+  p.add_argument("--merge_search", default="",
+                 help="comma-separated results JSONs of growth-search runs on disjoint seeds: "
+                      "recompute the search summary over all their seeds into --out (no training)")
+  p.add_argument("--search_budget_frac", type=float, default=SEARCH_BUDGET_FRAC,
+                 help="growth search: GrowConfig.round_budget_frac of every method")
+  p.add_argument("--search_max_params", type=int, default=SEARCH_MAX_PARAMS,
+                 help="growth search: Schedule.max_params of every method")
   p.add_argument("--relin_psi_steps", type=int, default=RELIN_LEARN.psi_steps,
                  help="fan-in Adam steps in each re-linearisation round")
   p.add_argument("--relin_rounds", type=int, default=RELIN_ROUNDS,
@@ -532,6 +584,13 @@ def main():
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "growth_quality.json"))
   args = p.parse_args()
+  if args.merge_search:
+    merged = merge_search(args.merge_search.split(","))
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(merged, f, indent=1, default=float)
+    print(json.dumps(merged["search"]["summary"], indent=1, default=float))
+    print(f"wrote {args.out}")
+    return
   if args.reanalyse:
     with open(args.reanalyse, encoding="utf-8") as f:
       report = json.load(f)
@@ -600,10 +659,13 @@ def main():
         print(f"re-linearisation rounds ({args.relin_psi_steps} fan-in steps each):")
         print(format_table(a["relin_curve"]))
   if "search" in parts:
-    results, fixed, summary = search_part(400 if args.quick else 2000, args.quick,
-                                          1 if args.quick else args.search_seeds,
-                                          args.val_patience, args.search_resplit)
-    summary["val_patience"] = args.val_patience
+    seeds = ([int(v) for v in args.search_seed_list.split(",")] if args.search_seed_list
+             else range(1 if args.quick else args.search_seeds))
+    results, fixed, summary = search_part(400 if args.quick else 2000, args.quick, seeds,
+                                          args.val_patience, args.search_resplit,
+                                          args.search_budget_frac, args.search_max_params)
+    summary.update(val_patience=args.val_patience, budget_frac=args.search_budget_frac,
+                   max_params=args.search_max_params, resplit=args.search_resplit)
     report["search"] = {"methods": results, "fixed": fixed, "summary": summary}
     print("\n== growth search (digits, same training budget):")
     print(format_table([{"method": m, "params": r["final_params"], "val_loss": r["val_loss"],
