@@ -34,8 +34,9 @@ Parts (all in one run, results in ``benchmarks/results/growth_quality.json``):
 Timings are warm (every function compiled before timing; compilation reported separately) and
 interleaved (GN and oracle calls alternate), medians over repetitions.
 
-Run: ``python benchmarks/growth_quality.py`` (about 15-25 min on the 2-core CPU machine);
-``--quick`` for a smoke run.
+Run: ``python benchmarks/growth_quality.py`` (on one CPU of the 2-core machine: parts
+candidates and conv ~30 min, the 10-seed search ~45 min — or two processes on disjoint
+``--search_seed_list`` and ``--merge_search``); ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
