@@ -554,24 +554,30 @@ def learn_gn(site: Site, ss: SiteStats, y: Array, loss: Loss, psi0: dict, omega0
     psi0, omega = balanced(site, psi0, omega, h)
   opt = optax.adam(cfg.psi_lr)
 
+  def keep_better(best, val, psi, omega):
+    better = val < best[0]
+    return jax.tree.map(lambda new, old: jnp.where(better, new, old), (val, psi, omega), best)
+
   def body(_, carry):
+    # The gradient's forward pass is the objective at the current iterate (Ω is held fixed in
+    # it), so the best iterate is tracked one step behind at no extra model evaluation.
     psi, omega, opt_state, best = carry
-    g = jax.grad(objective)(psi, jax.lax.stop_gradient(omega))
+    val, g = jax.value_and_grad(objective)(psi, jax.lax.stop_gradient(omega))
+    best = keep_better(best, val, psi, omega)
     with jax.numpy_dtype_promotion("standard"):
       upd, opt_state = opt.update(g, opt_state, psi)
     psi = optax.apply_updates(psi, upd)
     omega = solve_omega(psi, omega, cfg.cg_inner)
-    val = objective(psi, omega)
-    better = val < best[0]
-    best = jax.tree.map(lambda new, old: jnp.where(better, new, old), (val, psi, omega), best)
     return psi, omega, opt_state, best
 
-  init_best = (objective(psi0, omega), psi0, omega)
   if cfg.psi_steps > 0:
-    _, _, _, best = jax.lax.fori_loop(0, cfg.psi_steps, body,
-                                      (psi0, omega, opt.init(psi0), init_best))
+    inf = jnp.full((), jnp.inf, jax.eval_shape(objective, psi0, omega).dtype)
+    init_best = (inf, psi0, omega)
+    psi, omega, _, best = jax.lax.fori_loop(0, cfg.psi_steps, body,
+                                            (psi0, omega, opt.init(psi0), init_best))
+    best = keep_better(best, objective(psi, omega), psi, omega)
   else:
-    best = init_best
+    best = (None, psi0, omega)
   _, psi, omega = best
   psi = masked_psi(psi, psi_mask)
   if not dense:  # the dense solves are exact: the best Ω is already optimal for its Ψ
