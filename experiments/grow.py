@@ -37,7 +37,9 @@ def grow_config(c) -> grow.GrowConfig:
                          round_budget=c.round_budget, round_budget_frac=c.round_budget_frac,
                          max_morphisms=c.max_morphisms,
                          gammas=tuple(c.gammas), damping=c.damping,
-                         adapt_damping=c.adapt_damping, relinearize=c.relinearize, learn=learn)
+                         adapt_damping=c.adapt_damping,
+                         damping_bounds=(c.damping_floor, grow.GrowConfig().damping_bounds[1]),
+                         relinearize=c.relinearize, learn=learn)
 
 
 def run(config, workdir: str) -> dict:

@@ -424,6 +424,10 @@ def test_config_errors():
     grow.Searcher(XENT, grow.GrowConfig(method="random", fused=True))
   with pytest.raises(ValueError, match="relinearize cannot be combined"):
     grow.Searcher(XENT, grow.GrowConfig(width_bucket=8, relinearize=1))
+  with pytest.raises(ValueError, match="damping=0.002 is outside damping_bounds"):
+    grow.Searcher(XENT, grow.GrowConfig(damping_bounds=(5e-3, 10.0)))
+  with pytest.raises(ValueError, match="0 < floor <= ceiling"):
+    grow.Searcher(XENT, grow.GrowConfig(damping_bounds=(1.0, 0.5)))
   conv = nets.ConvNet(input_shape=(8, 8, 1), channels=(3, 4), num_outputs=4)
   cv = nets.common.host_init(conv, jax.random.key(0))
   with pytest.raises(ValueError, match="width_bucket supports dense sites only"):

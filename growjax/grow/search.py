@@ -127,6 +127,14 @@ class GrowConfig:
                        "re-linearisation runs on the unpadded network); set one of them to 0.")
     if not self.damping > 0:
       raise ValueError(f"GrowConfig.damping must be positive, got {self.damping}.")
+    lo, hi = self.damping_bounds
+    if not 0 < lo <= hi:
+      raise ValueError("GrowConfig.damping_bounds must be (floor, ceiling) with 0 < floor <= "
+                       f"ceiling, got {self.damping_bounds}.")
+    if not lo <= self.damping <= hi:
+      raise ValueError(f"GrowConfig.damping={self.damping} is outside damping_bounds="
+                       f"{self.damping_bounds}; start λ within its bounds (e.g. damping = the "
+                       "floor).")
     if self.round_budget_frac < 0:
       raise ValueError("GrowConfig.round_budget_frac must be >= 0 (0: off), got "
                        f"{self.round_budget_frac}.")
