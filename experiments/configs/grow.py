@@ -15,7 +15,7 @@ MobileNet-style seed; need --config.data.path), `quick` (tiny, for tests).
 Expected on the 2-core CPU machine (default): ~2-3 min including the fixed-size width sweep;
 the MLP grows from 682 to ~1,400-1,900 parameters in 5-7 rounds (then the validation rule,
 `schedule.val_patience`, stops growth and training goes on) and ends at validation accuracy
-~0.95-0.97 (seed 0: 1,871 params, 0.967, test 0.978; see README and BUILD_NOTES for the latest
+~0.95-0.97 (seed 0: 1,482 params, 0.955, test 0.970; see README and BUILD_NOTES for the latest
 measured tables). The growth search of `benchmarks/growth_quality.py` grows further:
 `--config.grow.round_budget_frac=1 --config.grow.max_morphisms=8 --config.schedule.max_params=6000
 --config.schedule.val_patience=0 --config.grow.damping=5e-3 --config.grow.damping_floor=5e-3`
