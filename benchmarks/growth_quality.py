@@ -35,8 +35,9 @@ Timings are warm (every function compiled before timing; compilation reported se
 interleaved (GN and oracle calls alternate), medians over repetitions.
 
 Run: ``python benchmarks/growth_quality.py`` (on one CPU of the 2-core machine: parts
-candidates and conv ~30 min, the 10-seed search ~45 min — or two processes on disjoint
-``--search_seed_list`` and ``--merge_search``); ``--quick`` for a smoke run.
+candidates and conv ~30 min, the search ~4 min per seed — the 20-seed record ran as four
+processes on disjoint ``--search_seed_list``, two at a time, combined by ``--merge_search``);
+``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
@@ -441,7 +442,9 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
   Levenberg-Marquardt adaptation keeps it ≥ ``damping``: the floor regularises (new units fit
   the statistics batch less tightly); GN on the 10 seeds, GN-only runs of 2026-12-07 (sixth
   session): floor 1e-3 → val loss 0.121, val acc 0.9755; 5e-3 → 0.114, 0.9762; 1e-2 → 0.142,
-  0.9699 (a budget of 8,000 instead of 6,000 at 5e-3: 0.9688 on seeds 5-9 against 0.9747)."""
+  0.9699 (a budget of 8,000 instead of 6,000 at 5e-3: 0.9688 on seeds 5-9 against 0.9747). The
+  benchmark's own run at 5e-3 gave 0.9729 on those 10 seeds (rounding-level code differences
+  only): a 10-seed mean moves by ~0.003, so the floor is not shown better than 1e-3."""
   per_seed = {m: [] for m in SEARCH_METHODS}
   fixed_runs = {}
   for seed in seeds:
