@@ -511,3 +511,45 @@ def test_relinearized_rounds_never_raise_the_real_loss(digits_mlp, backtracks):
   ss = stats.sites[name]
   d = C.candidate_delta(model.growth_sites()[name], last.psi, last.omega, ss.h)
   np.testing.assert_allclose(last.predicted, -float(C.gn_model(ss.lin, XENT, y, d)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("lr", [0.03, 3.0])
+def test_fan_in_loop_returns_its_best_iterate(digits_mlp, lr):
+  """The learner keeps the fan-in iterate of lowest damped GN-model value, the start and the
+  last iterate included: checked against the iterates replayed step by step (Adam on the fan-in
+  with Ω held fixed, then the exact dense fan-out solve). lr=0.03 improves every step (the last
+  is best), lr=3.0 overshoots (an earlier iterate is best)."""
+  model, v, x, y, _ = digits_mlp
+  name, k, lam, steps = "hidden_1", 3, 1e-2, 6
+  s = _searcher(psi_steps=steps, psi_lr=lr, fan_out_solver="dense")
+  site = model.growth_sites()[name]
+  psi0, om0 = s.templates(model, v, name, k, jax.random.key(3))
+  ss = s.stats(model, v, x, y, (name,)).sites[name]
+  learned = jax.jit(lambda ss, y: C.learn_gn(site, ss, y, XENT, psi0, om0, s.config.learn,
+                                             lam))(ss, y)
+  dc = C.dense_curvature(ss.lin, XENT, y)
+  shape = om0["kernel"].shape
+
+  def solve(psi):
+    return C.dense_fan_out(site, dc, C.activations(site, psi, ss.h), shape, lam)
+
+  def objective(psi, omega):
+    d = C.candidate_delta(site, psi, omega, ss.h)
+    return C.dense_model(dc, d) + 0.5 * lam * (C.psi_norm(site, psi) + C._sq(omega))
+
+  opt = optax.adam(lr)
+  psi, omega, state = psi0, solve(psi0), opt.init(psi0)
+  iterates = [(psi, omega)]
+  for _ in range(steps):
+    with jax.numpy_dtype_promotion("standard"):  # optax's step count, as in the learner
+      upd, state = opt.update(jax.grad(objective)(psi, omega), state, psi)
+    psi = optax.apply_updates(psi, upd)
+    omega = solve(psi)
+    iterates.append((psi, omega))
+  values = [float(objective(p, o)) for p, o in iterates]
+  best = int(np.argmin(values))
+  assert (best == steps) if lr < 1 else (best < steps), values
+  for leaf in psi0:
+    np.testing.assert_allclose(learned.psi[leaf], iterates[best][0][leaf], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(learned.omega["kernel"], iterates[best][1]["kernel"], rtol=1e-3,
+                             atol=1e-6)
