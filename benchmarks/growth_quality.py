@@ -28,7 +28,8 @@ Parts (all in one run, results in ``benchmarks/results/growth_quality.json``):
 3. Growth search: the growth loop with GN, GradMax, TINY-style and random growth under the same
    training budget and schedule on digits (from 8-8, a round every 153 of 2,000 steps that may
    add up to the network's own size, up to a 6,000-parameter budget), against a fixed-size
-   width sweep (8-8 … 64-64) trained for the same steps; seeds draw their own data splits, and
+   width sweep (8-8 … 128-128) trained for the same steps, and each grown network's final
+   architecture trained from scratch for the same steps; seeds draw their own data splits, and
    disjoint seed lists run in separate processes are combined with ``--merge_search``.
 
 Timings are warm (every function compiled before timing; compilation reported separately) and
@@ -426,6 +427,25 @@ def analyse(rows, timing, same_time):
 
 
 SEARCH_METHODS = ("gn", "gradmax", "tiny", "random")
+# The fixed-size width sweep of the growth search. 48-48 is the grown networks' size (~6k
+# parameters); 96-96 and 128-128 show where validation accuracy saturates.
+SEARCH_WIDTHS = ((8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (96, 96), (128, 128))
+
+
+def train_from_scratch(widths: Sequence[int], seed: int, splits, steps: int) -> dict:
+  """An MLP of ``widths`` trained from scratch as the search trains (Adam 3e-3, batch 64,
+  ``steps`` steps, init key ``seed``): params, val/test loss and accuracy."""
+  model = nets.MLP(widths=tuple(widths))
+  tx = optax.adam(3e-3)
+  trainer = train.make_trainer(tx)
+  state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx)
+  res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64, plot=False,
+                  progress_every_s=1e9)
+  val = train.evaluate(trainer.eval_step, res.model, res.state, splits.val)
+  test = train.evaluate(trainer.eval_step, res.model, res.state, splits.test)
+  return {"params": tree.count(res.state.params), "val_loss": val["loss"],
+          "val_accuracy": val["accuracy"], "test_loss": test["loss"],
+          "test_accuracy": test["accuracy"]}
 
 
 def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int, resplit: bool,
@@ -474,20 +494,11 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
           "final_params": tree.count(res.state.params), "val_loss": val["loss"],
           "val_accuracy": val["accuracy"], "widths": list(res.model.widths),
           "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-          "rounds": grower.rounds, "stopped": grower.stopped})
-    for widths in ((8, 8), (16, 16), (32, 32), (64, 64)):
-      model = nets.MLP(widths=widths)
-      tx = optax.adam(3e-3)
-      trainer = train.make_trainer(tx)
-      state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx)
-      res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64, plot=False,
-                      progress_every_s=1e9)
-      val = train.evaluate(trainer.eval_step, res.model, res.state, splits.val)
-      test = train.evaluate(trainer.eval_step, res.model, res.state, splits.test)
+          "rounds": grower.rounds, "stopped": grower.stopped,
+          "scratch": train_from_scratch(res.model.widths, seed, splits, steps)})
+    for widths in SEARCH_WIDTHS:
       fixed_runs.setdefault(tuple(widths), []).append(
-          {"seed": seed, "params": tree.count(res.state.params), "val_loss": val["loss"],
-           "val_accuracy": val["accuracy"], "test_loss": test["loss"],
-           "test_accuracy": test["accuracy"]})
+          {"seed": seed, **train_from_scratch(widths, seed, splits, steps)})
   return search_summary(per_seed, fixed_runs)
 
 
@@ -505,26 +516,41 @@ def search_summary(per_seed: dict, fixed_runs: dict):
                  "test_accuracy": mean(runs, "test_accuracy"),
                  "val_accuracy_spread": [min(r["val_accuracy"] for r in runs),
                                          max(r["val_accuracy"] for r in runs)],
-                 "widths": [r["widths"] for r in runs]} for m, runs in per_seed.items()}
+                 "widths": [r["widths"] for r in runs],
+                 **({f"scratch_{k}": float(np.mean([r["scratch"][k] for r in runs]))
+                     for k in ("val_accuracy", "test_accuracy")}
+                    if all("scratch" in r for r in runs) else {})}
+             for m, runs in per_seed.items()}
   fixed = [{"widths": list(w), "params": runs[0]["params"], "val_loss": mean(runs, "val_loss"),
             "val_accuracy": mean(runs, "val_accuracy"), "test_loss": mean(runs, "test_loss"),
             "test_accuracy": mean(runs, "test_accuracy"), "runs": runs}
            for w, runs in fixed_runs.items()]
   best = max(fixed, key=lambda f: f["val_accuracy"])
   g = results["gn"]
+  figures = ("val_accuracy", "test_accuracy", "val_loss", "test_loss")
 
-  def paired(key):
-    """Mean and standard error over seeds of GN's figure minus the best fixed width's (same
-    seed, same split)."""
-    assert [a["seed"] for a in g["runs"]] == [b["seed"] for b in best["runs"]]
-    diff = np.array([a[key] - b[key] for a, b in zip(g["runs"], best["runs"])])
+  def paired(runs, other_runs, key):
+    """Mean and standard error over seeds of ``runs``' figure minus ``other_runs``' (same seed,
+    same split)."""
+    assert [a["seed"] for a in runs] == [b["seed"] for b in other_runs]
+    diff = np.array([a[key] - b[key] for a, b in zip(runs, other_runs)])
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     return {"mean": float(diff.mean()), "se": se}
 
+  def minus_scratch(runs, key):
+    """Each grown network's figure minus its final architecture trained from scratch."""
+    return paired(runs, [r["scratch"] | {"seed": r["seed"]} for r in runs], key)
+
   summary = {
       "seeds": [r["seed"] for r in g["runs"]],
-      "gn_minus_best_fixed": {k: paired(k) for k in ("val_accuracy", "test_accuracy",
-                                                     "val_loss", "test_loss")},
+      "gn_minus_best_fixed": {k: paired(g["runs"], best["runs"], k) for k in figures},
+      "gn_minus_fixed": {"-".join(map(str, f["widths"])): {
+          k: paired(g["runs"], f["runs"], k) for k in ("val_accuracy", "test_accuracy")}
+          for f in fixed},
+      # Growth against training its own final architecture from scratch for the same steps.
+      "minus_scratch": {m: {k: minus_scratch(results[m]["runs"], k) for k in figures}
+                        for m in methods
+                        if all("scratch" in r for r in results[m]["runs"])},
       "best_fixed": {k: best[k] for k in ("widths", "params", "val_loss", "val_accuracy",
                                           "test_loss", "test_accuracy")},
       "gn_reaches_best_fixed_accuracy_with_fewer_params": bool(
@@ -692,7 +718,9 @@ def main():
     print("\n== growth search (digits, same training budget):")
     print(format_table([{"method": m, "params": r["final_params"], "val_loss": r["val_loss"],
                          "val_accuracy": r["val_accuracy"], "test_accuracy": r["test_accuracy"],
-                         "widths": r["widths"]} for m, r in results.items()]))
+                         "scratch_val_accuracy": r.get("scratch_val_accuracy", float("nan")),
+                         "scratch_test_accuracy": r.get("scratch_test_accuracy", float("nan"))}
+                        for m, r in results.items()]))
     print(format_table([{k: f[k] for k in ("widths", "params", "val_loss", "val_accuracy",
                                            "test_accuracy")} for f in fixed]))
     print(summary)
