@@ -441,10 +441,14 @@ def train_from_scratch(widths: Sequence[int], seed: int, splits, steps: int) -> 
   state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx)
   res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64, plot=False,
                   progress_every_s=1e9)
+  return {"params": tree.count(res.state.params), **val_test(trainer, res, splits)}
+
+
+def val_test(trainer, res, splits) -> dict:
+  """Loss and accuracy of a fit's final network on the validation and test splits."""
   val = train.evaluate(trainer.eval_step, res.model, res.state, splits.val)
   test = train.evaluate(trainer.eval_step, res.model, res.state, splits.test)
-  return {"params": tree.count(res.state.params), "val_loss": val["loss"],
-          "val_accuracy": val["accuracy"], "test_loss": test["loss"],
+  return {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "test_loss": test["loss"],
           "test_accuracy": test["accuracy"]}
 
 
@@ -484,16 +488,12 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
       state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx)
       res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64,
                       growth_hook=grower, plot=False, progress_every_s=1e9)
-      val = train.evaluate(trainer.eval_step, res.model, res.state, splits.val)
-      test = train.evaluate(trainer.eval_step, res.model, res.state, splits.test)
       per_seed[method].append({
           "seed": seed,
           "curve": [{"params": r["params"], "val_loss": r["val_loss"],
                      "val_accuracy": r["val_accuracy"]} for r in grower.rows],
-          "final_params": tree.count(res.state.params), "val_loss": val["loss"],
-          "val_accuracy": val["accuracy"], "widths": list(res.model.widths),
-          "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-          "rounds": grower.rounds, "stopped": grower.stopped,
+          "final_params": tree.count(res.state.params), **val_test(trainer, res, splits),
+          "widths": list(res.model.widths), "rounds": grower.rounds, "stopped": grower.stopped,
           "scratch": train_from_scratch(res.model.widths, seed, splits, steps)})
     for widths in SEARCH_WIDTHS:
       fixed_runs.setdefault(tuple(widths), []).append(
