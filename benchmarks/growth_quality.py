@@ -426,7 +426,13 @@ def analyse(rows, timing, same_time):
   return out
 
 
-SEARCH_METHODS = ("gn", "gradmax", "tiny", "random")
+# Growth-search variants: name → (GrowConfig.method, GrowConfig.rank_by). "gn_units" is GN ranked
+# by predicted decrease per added unit instead of per added parameter (METHODS.md §1's ranking,
+# which on MLPs keeps widening the layer that is already wide).
+SEARCH_VARIANTS = {"gn": ("gn", "params"), "gn_units": ("gn", "units"),
+                   "gradmax": ("gradmax", "params"), "tiny": ("tiny", "params"),
+                   "random": ("random", "params")}
+SEARCH_METHODS = ("gn", "gradmax", "tiny", "random")  # the default run
 # The fixed-size width sweep of the growth search. 48-48 is the grown networks' size (~6k
 # parameters); 96-96 and 128-128 show where validation accuracy saturates.
 SEARCH_WIDTHS = ((8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (96, 96), (128, 128))
@@ -454,7 +460,7 @@ def val_test(trainer, res, splits) -> dict:
 
 def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int, resplit: bool,
                 budget_frac: float = SEARCH_BUDGET_FRAC, max_params: int = SEARCH_MAX_PARAMS,
-                damping: float = SEARCH_DAMPING):
+                damping: float = SEARCH_DAMPING, methods: Sequence[str] = SEARCH_METHODS):
   """Part 3: growth loops under the same training budget, and a fixed-size width sweep, over
   ``seeds`` seeds (initialisation and growth randomness; with ``resplit`` also the stratified
   train/val/test split, else split 0 for every seed). Single runs differ by ±0.015 in validation
@@ -467,16 +473,22 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
   differ on 20 seeds, val acc -0.0006 ± 0.0020; 1e-2 was lower on 10 seeds, 0.9699 against
   0.9755, where a 10-seed mean moves by ~0.003 with rounding-level changes). Controls: the
   width sweep ``SEARCH_WIDTHS`` and, per grown network, its final architecture trained from scratch
-  (``scratch``), which separates what growth found (an architecture) from how it got there."""
-  per_seed = {m: [] for m in SEARCH_METHODS}
+  (``scratch``), which separates what growth found (an architecture) from how it got there.
+  ``methods``: names in ``SEARCH_VARIANTS``."""
+  unknown = [m for m in methods if m not in SEARCH_VARIANTS]
+  if unknown:
+    raise ValueError(f"unknown growth-search methods {unknown}; available: {list(SEARCH_VARIANTS)}")
+  per_seed = {m: [] for m in methods}
   fixed_runs = {}
   for seed in seeds:
     splits = data.load_digits(seed=seed if resplit else 0)
-    for method in SEARCH_METHODS:
+    for name in methods:
+      method, rank_by = SEARCH_VARIANTS[name]
       model = nets.MLP(widths=(8, 8))
       tx = optax.adam(3e-3)
       trainer = train.make_trainer(tx)
-      cfg = grow.GrowConfig(method=method, ks=(1, 2, 4, 8), round_budget_frac=budget_frac,
+      cfg = grow.GrowConfig(method=method, ks=(1, 2, 4, 8), rank_by=rank_by,
+                            round_budget_frac=budget_frac,
                             max_morphisms=8, width_bucket=16, damping=damping,
                             damping_bounds=(damping, grow.GrowConfig().damping_bounds[1]),
                             learn=C.LearnConfig(psi_steps=20, psi_lr=0.1))
@@ -488,7 +500,7 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
       state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx)
       res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64,
                       growth_hook=grower, plot=False, progress_every_s=1e9)
-      per_seed[method].append({
+      per_seed[name].append({
           "seed": seed,
           "curve": [{"params": r["params"], "val_loss": r["val_loss"],
                      "val_accuracy": r["val_accuracy"]} for r in grower.rows],
@@ -502,8 +514,8 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
 
 
 def search_summary(per_seed: dict, fixed_runs: dict):
-  """Means, the best fixed width and GN's paired differences from per-seed runs (``per_seed``:
-  method → runs; ``fixed_runs``: widths → runs)."""
+  """Means, the best fixed width and every method's paired differences from per-seed runs
+  (``per_seed``: method → runs; ``fixed_runs``: widths → runs)."""
   methods = tuple(per_seed)
 
   def mean(runs, key):
@@ -525,7 +537,6 @@ def search_summary(per_seed: dict, fixed_runs: dict):
             "test_accuracy": mean(runs, "test_accuracy"), "runs": runs}
            for w, runs in fixed_runs.items()]
   best = max(fixed, key=lambda f: f["val_accuracy"])
-  g = results["gn"]
   figures = ("val_accuracy", "test_accuracy", "val_loss", "test_loss")
 
   def paired(runs, other_runs, key):
@@ -540,25 +551,30 @@ def search_summary(per_seed: dict, fixed_runs: dict):
     """Each grown network's figure minus its final architecture trained from scratch."""
     return paired(runs, [r["scratch"] | {"seed": r["seed"]} for r in runs], key)
 
+  def reaches(m, key):
+    """Whether method ``m``'s mean ``key`` accuracy reaches the best fixed width's with fewer
+    parameters."""
+    return bool(results[m][key] >= best[key] - 1e-9 and results[m]["final_params"] < best["params"])
+
   summary = {
-      "seeds": [r["seed"] for r in g["runs"]],
-      "gn_minus_best_fixed": {k: paired(g["runs"], best["runs"], k) for k in figures},
-      "gn_minus_fixed": {"-".join(map(str, f["widths"])): {
-          k: paired(g["runs"], f["runs"], k) for k in ("val_accuracy", "test_accuracy")}
-          for f in fixed},
+      "seeds": [r["seed"] for r in results[methods[0]]["runs"]],
+      "minus_best_fixed": {m: {k: paired(results[m]["runs"], best["runs"], k) for k in figures}
+                           for m in methods},
+      "minus_fixed": {m: {"-".join(map(str, f["widths"])): {
+          k: paired(results[m]["runs"], f["runs"], k) for k in ("val_accuracy", "test_accuracy")}
+          for f in fixed} for m in methods},
       # Growth against training its own final architecture from scratch for the same steps.
       "minus_scratch": {m: {k: minus_scratch(results[m]["runs"], k) for k in figures}
                         for m in methods
                         if all("scratch" in r for r in results[m]["runs"])},
       "best_fixed": {k: best[k] for k in ("widths", "params", "val_loss", "val_accuracy",
                                           "test_loss", "test_accuracy")},
-      "gn_reaches_best_fixed_accuracy_with_fewer_params": bool(
-          g["val_accuracy"] >= best["val_accuracy"] - 1e-9 and g["final_params"] < best["params"]),
+      "reaches_best_fixed_val_accuracy_with_fewer_params": {
+          m: reaches(m, "val_accuracy") for m in methods},
       # The validation split also decides when growth stops (val_patience): the test split is
       # the unbiased comparison.
-      "gn_reaches_best_fixed_test_accuracy_with_fewer_params": bool(
-          g["test_accuracy"] >= best["test_accuracy"] - 1e-9
-          and g["final_params"] < best["params"]),
+      "reaches_best_fixed_test_accuracy_with_fewer_params": {
+          m: reaches(m, "test_accuracy") for m in methods},
       "mean_test_accuracy": {m: results[m]["test_accuracy"] for m in methods},
       "mean_val_loss": {m: results[m]["val_loss"] for m in methods},
       "mean_params": {m: results[m]["final_params"] for m in methods},
@@ -573,7 +589,9 @@ def merge_search(paths: Sequence[str]) -> dict:
   for path in paths:
     with open(path, encoding="utf-8") as f:
       reports.append(json.load(f))
-  keys = ("val_patience", "budget_frac", "max_params", "resplit", "damping")
+  keys = ("val_patience", "budget_frac", "max_params", "resplit", "damping", "search_methods")
+  for r in reports:  # runs from before --search_methods: the methods they hold
+    r["search"]["summary"].setdefault("search_methods", ",".join(r["search"]["methods"]))
   settings = {tuple(r["search"]["summary"].get(k) for k in keys) for r in reports}
   if len(settings) != 1:
     raise ValueError(f"--merge_search needs runs with the same settings {keys}; got {settings}.")
@@ -583,7 +601,7 @@ def merge_search(paths: Sequence[str]) -> dict:
   for r in reports:
     for f in r["search"]["fixed"]:
       fixed_runs.setdefault(tuple(f["widths"]), []).extend(f["runs"])
-  seeds = [run["seed"] for run in per_seed["gn"]]
+  seeds = [run["seed"] for run in next(iter(per_seed.values()))]
   if len(set(seeds)) != len(seeds):
     raise ValueError(f"--merge_search needs disjoint seeds; got {sorted(seeds)}.")
   results, fixed, summary = search_summary(per_seed, fixed_runs)
@@ -614,6 +632,8 @@ def main():
                  help="growth search: GrowConfig.round_budget_frac of every method")
   p.add_argument("--search_max_params", type=int, default=SEARCH_MAX_PARAMS,
                  help="growth search: Schedule.max_params of every method")
+  p.add_argument("--search_methods", default=",".join(SEARCH_METHODS),
+                 help=f"growth-search variants, comma-separated, of {list(SEARCH_VARIANTS)}")
   p.add_argument("--search_damping", type=float, default=SEARCH_DAMPING,
                  help="growth search: the growth loop's initial λ and its floor, every method")
   p.add_argument("--relin_psi_steps", type=int, default=RELIN_LEARN.psi_steps,
@@ -709,10 +729,11 @@ def main():
     results, fixed, summary = search_part(400 if args.quick else 2000, args.quick, seeds,
                                           args.val_patience, args.search_resplit,
                                           args.search_budget_frac, args.search_max_params,
-                                          args.search_damping)
+                                          args.search_damping,
+                                          args.search_methods.split(","))
     summary.update(val_patience=args.val_patience, budget_frac=args.search_budget_frac,
                    max_params=args.search_max_params, resplit=args.search_resplit,
-                   damping=args.search_damping)
+                   damping=args.search_damping, search_methods=args.search_methods)
     report["search"] = {"methods": results, "fixed": fixed, "summary": summary}
     print("\n== growth search (digits, same training budget):")
     print(format_table([{"method": m, "params": r["final_params"], "val_loss": r["val_loss"],

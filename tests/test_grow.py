@@ -322,6 +322,27 @@ def test_grow_round_fills_the_budget_choosing_sites_again(digits_mlp):
   assert float(jnp.mean(XENT.value(z, y))) < applied[-1]["loss_before"]
 
 
+@pytest.mark.parametrize("rank_by", ["params", "units"])
+def test_rank_by_applies_the_best_score_per_cost(digits_mlp, rank_by):
+  """One morphism per round: the applied candidate has the largest score per added parameter
+  (or per added unit) among every candidate of the round."""
+  model, v, x, y, _ = digits_mlp
+  cfg = grow.GrowConfig(ks=(1, 2, 4, 8), rank_by=rank_by)
+  res = grow.grow_round(grow.Searcher(XENT, cfg), model, v, x, y, damping=2e-3,
+                        rng=jax.random.key(0))
+  cost = {"params": lambda c: c.params, "units": lambda c: c.k}[rank_by]
+  best = max(res.candidates, key=lambda c: c.score / cost(c))
+  (applied,) = [r for r in res.records if r["op"] == "add_units"]
+  assert (applied["site"], applied["k"]) == (best.site, best.k)
+  # A cheap unit (narrow consumer) against one that costs its wide fan-out: the rankings differ.
+  wide = best._replace(k=1, params=100, flops=200, score=1.0)
+  cheap = best._replace(k=2, params=30, flops=60, score=1.5)
+  order = sorted([wide, cheap], key=lambda c: c.rank_value(rank_by))
+  assert order[-1] is (cheap if rank_by == "params" else wide)
+  with pytest.raises(ValueError, match=r"rank_by must be one of \('params', 'flops', 'units'\)"):
+    dataclasses.replace(cfg, rank_by="loss").validate()
+
+
 def test_round_budget_fraction(digits_mlp):
   model, v, x, y, _ = digits_mlp
   cfg = grow.GrowConfig(ks=(1, 2, 4), max_morphisms=8, round_budget=10**6, round_budget_frac=0.2)

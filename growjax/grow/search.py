@@ -37,6 +37,7 @@ from growjax.nets.sites import IN, OUT, Site
 Array = jax.Array
 
 MODEL_BASED = ("gn", "tiny")
+RANK_BY = ("params", "flops", "units")  # the cost a candidate's score is divided by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,11 @@ class GrowConfig:
     method: one of ``growjax.grow.candidates.METHODS`` or ``"net2net"``.
     ks: numbers of new units tried per site.
     sites: site names to consider (None: every ``units`` site).
-    rank_by: ``"params"`` or ``"flops"`` (score per added parameter / FLOP).
+    rank_by: ``"params"`` or ``"flops"`` (score per added parameter / FLOP, METHODS.md §1), or
+      ``"units"`` (score per added unit; beyond METHODS.md). Per parameter, a unit of a layer
+      feeding a wide layer costs its whole fan-out, so on MLPs that ranking keeps widening the
+      layer that is already wide (digits, 20k budget: 22-329, 202-32); per unit keeps the
+      growth balanced (see BUILD_NOTES.md, growth search).
     round_budget: parameters that one round may add (at least one morphism is applied).
     round_budget_frac: if > 0, a round may also add at most this fraction of the network's
       parameters before the round (geometric growth: small networks grow by little, large ones
@@ -106,8 +111,8 @@ class GrowConfig:
       raise ValueError(f"GrowConfig.method must be one of {methods}, got {self.method!r}.")
     if not self.ks or any(int(k) <= 0 for k in self.ks):
       raise ValueError(f"GrowConfig.ks must be positive unit counts, got {self.ks!r}.")
-    if self.rank_by not in ("params", "flops"):
-      raise ValueError(f"GrowConfig.rank_by must be 'params' or 'flops', got {self.rank_by!r}.")
+    if self.rank_by not in RANK_BY:
+      raise ValueError(f"GrowConfig.rank_by must be one of {RANK_BY}, got {self.rank_by!r}.")
     if self.learn.fan_out_solver not in C.FAN_OUT_SOLVERS:
       raise ValueError(f"GrowConfig.learn.fan_out_solver must be one of {C.FAN_OUT_SOLVERS}, "
                        f"got {self.learn.fan_out_solver!r}.")
@@ -160,7 +165,8 @@ class Candidate(NamedTuple):
   seconds: float
 
   def rank_value(self, rank_by: str) -> float:
-    cost = self.params if rank_by == "params" else self.flops
+    """The score per unit of cost that candidates are ranked by (``GrowConfig.rank_by``)."""
+    cost = {"params": self.params, "flops": self.flops, "units": self.k}[rank_by]
     return self.score / max(cost, 1)
 
 
