@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 50
   c.data_parallel = True
   c.loss = "softmax_cross_entropy"
-  # Growth method and round (growjax.grow.GrowConfig).
+  # Growth method and round (growjax.grow.GrowConfig). rank_by: "params" (METHODS.md), "flops",
+  # or "units" (keeps MLP growth balanced; see BUILD_NOTES.md, growth search).
   c.grow = ml_collections.ConfigDict({
       "method": "gn", "ks": (1, 2, 4, 8), "rank_by": "params", "round_budget": 400,
       "round_budget_frac": 0.0, "max_morphisms": 2, "damping": 2e-3, "adapt_damping": True,
