@@ -426,12 +426,14 @@ def analyse(rows, timing, same_time):
   return out
 
 
-# Growth-search variants: name → (GrowConfig.method, GrowConfig.rank_by). "gn_units" is GN ranked
-# by predicted decrease per added unit instead of per added parameter (METHODS.md §1's ranking,
-# which on MLPs keeps widening the layer that is already wide).
-SEARCH_VARIANTS = {"gn": ("gn", "params"), "gn_units": ("gn", "units"),
-                   "gradmax": ("gradmax", "params"), "tiny": ("tiny", "params"),
-                   "random": ("random", "params")}
+# Growth-search variants: name → (GrowConfig.method, GrowConfig.rank_by, fan-in Adam steps).
+# "gn_units" is GN ranked by predicted decrease per added unit instead of per added parameter
+# (METHODS.md §1's ranking, which on MLPs keeps widening the layer that is already wide);
+# "gn_units_random_fan_in" also keeps the random fan-in (only the fan-out is learned).
+SEARCH_VARIANTS = {"gn": ("gn", "params", 20), "gn_units": ("gn", "units", 20),
+                   "gn_units_random_fan_in": ("gn", "units", 0),
+                   "gradmax": ("gradmax", "params", 20), "tiny": ("tiny", "params", 20),
+                   "random": ("random", "params", 20)}
 SEARCH_METHODS = ("gn", "gradmax", "tiny", "random")  # the default run
 # The fixed-size width sweep of the growth search. 48-48 is the grown networks' size (~6k
 # parameters); 96-96 and 128-128 show where validation accuracy saturates.
@@ -483,7 +485,7 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
   for seed in seeds:
     splits = data.load_digits(seed=seed if resplit else 0)
     for name in methods:
-      method, rank_by = SEARCH_VARIANTS[name]
+      method, rank_by, psi_steps = SEARCH_VARIANTS[name]
       model = nets.MLP(widths=(8, 8))
       tx = optax.adam(3e-3)
       trainer = train.make_trainer(tx)
@@ -491,7 +493,7 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
                             round_budget_frac=budget_frac,
                             max_morphisms=8, width_bucket=16, damping=damping,
                             damping_bounds=(damping, grow.GrowConfig().damping_bounds[1]),
-                            learn=C.LearnConfig(psi_steps=20, psi_lr=0.1))
+                            learn=C.LearnConfig(psi_steps=psi_steps, psi_lr=0.1))
       grower = grow.Grower(grow.Searcher(LOSS, cfg), splits, trainer,
                            grow.Schedule(every=steps // 13, warmup=steps // 13,
                                          max_rounds=2 if quick else 10, max_params=max_params,
