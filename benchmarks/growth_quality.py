@@ -77,6 +77,7 @@ GAMMAS = grow.GrowConfig().gammas  # the growth loop's line search on the fan-ou
 I_ONE = GAMMAS.index(1.0)
 VAL_PATIENCE = 0  # the growth search's validation stopping rule (growjax.grow.Schedule; 0: off)
 SEARCH_BUDGET_FRAC = 1.0  # growth search: a round adds up to this fraction of the parameters
+SEARCH_STEPS = 2000  # growth search: training steps of every run, growth included
 SEARCH_MAX_PARAMS = 6000  # growth search: parameter budget of every growth method (64-64: 8,970)
 # Growth search: the growth loop's λ starts at and is floored at this value for every method
 # (GrowConfig.damping, damping_bounds[0]); see search_part.
@@ -460,6 +461,27 @@ def val_test(trainer, res, splits) -> dict:
           "test_accuracy": test["accuracy"]}
 
 
+def search_grow_config(name: str, budget_frac: float = SEARCH_BUDGET_FRAC,
+                       damping: float = SEARCH_DAMPING) -> grow.GrowConfig:
+  """The growth search's ``GrowConfig`` for variant ``name`` of ``SEARCH_VARIANTS`` (the
+  experiment config ``grow.py:digits_search`` is the ``gn_units_random_fan_in`` one; a test
+  keeps the two equal)."""
+  method, rank_by, psi_steps = SEARCH_VARIANTS[name]
+  return grow.GrowConfig(method=method, ks=(1, 2, 4, 8), rank_by=rank_by,
+                         round_budget_frac=budget_frac, max_morphisms=8, width_bucket=16,
+                         damping=damping,
+                         damping_bounds=(damping, grow.GrowConfig().damping_bounds[1]),
+                         learn=C.LearnConfig(psi_steps=psi_steps, psi_lr=0.1))
+
+
+def search_schedule(steps: int = SEARCH_STEPS, quick: bool = False,
+                    max_params: int = SEARCH_MAX_PARAMS,
+                    val_patience: int = VAL_PATIENCE) -> grow.Schedule:
+  """The growth search's schedule: a round every ``steps // 13`` steps, at most 10."""
+  return grow.Schedule(every=steps // 13, warmup=steps // 13, max_rounds=2 if quick else 10,
+                       max_params=max_params, val_patience=val_patience)
+
+
 def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int, resplit: bool,
                 budget_frac: float = SEARCH_BUDGET_FRAC, max_params: int = SEARCH_MAX_PARAMS,
                 damping: float = SEARCH_DAMPING, methods: Sequence[str] = SEARCH_METHODS):
@@ -485,20 +507,12 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
   for seed in seeds:
     splits = data.load_digits(seed=seed if resplit else 0)
     for name in methods:
-      method, rank_by, psi_steps = SEARCH_VARIANTS[name]
       model = nets.MLP(widths=(8, 8))
       tx = optax.adam(3e-3)
       trainer = train.make_trainer(tx)
-      cfg = grow.GrowConfig(method=method, ks=(1, 2, 4, 8), rank_by=rank_by,
-                            round_budget_frac=budget_frac,
-                            max_morphisms=8, width_bucket=16, damping=damping,
-                            damping_bounds=(damping, grow.GrowConfig().damping_bounds[1]),
-                            learn=C.LearnConfig(psi_steps=psi_steps, psi_lr=0.1))
-      grower = grow.Grower(grow.Searcher(LOSS, cfg), splits, trainer,
-                           grow.Schedule(every=steps // 13, warmup=steps // 13,
-                                         max_rounds=2 if quick else 10, max_params=max_params,
-                                         val_patience=val_patience),
-                           seed=seed)
+      grower = grow.Grower(grow.Searcher(LOSS, search_grow_config(name, budget_frac, damping)),
+                           splits, trainer,
+                           search_schedule(steps, quick, max_params, val_patience), seed=seed)
       state = train.create_state(nets.common.host_init(model, jax.random.key(seed)), tx)
       res = train.fit(model, state, trainer, splits, steps=steps, batch_size=64,
                       growth_hook=grower, plot=False, progress_every_s=1e9)
@@ -728,7 +742,7 @@ def main():
   if "search" in parts:
     seeds = ([int(v) for v in args.search_seed_list.split(",")] if args.search_seed_list
              else range(1 if args.quick else args.search_seeds))
-    results, fixed, summary = search_part(400 if args.quick else 2000, args.quick, seeds,
+    results, fixed, summary = search_part(400 if args.quick else SEARCH_STEPS, args.quick, seeds,
                                           args.val_patience, args.search_resplit,
                                           args.search_budget_frac, args.search_max_params,
                                           args.search_damping,

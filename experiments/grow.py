@@ -35,7 +35,7 @@ def grow_config(c) -> grow.GrowConfig:
                       psi_steps=c.psi_steps, psi_lr=c.psi_lr, psi_init=c.psi_init)
   return grow.GrowConfig(method=c.method, ks=tuple(c.ks), rank_by=c.rank_by,
                          round_budget=c.round_budget, round_budget_frac=c.round_budget_frac,
-                         max_morphisms=c.max_morphisms,
+                         max_morphisms=c.max_morphisms, width_bucket=c.width_bucket,
                          gammas=tuple(c.gammas), damping=c.damping,
                          adapt_damping=c.adapt_damping,
                          damping_bounds=(c.damping_floor, grow.GrowConfig().damping_bounds[1]),

@@ -1,6 +1,8 @@
 """The experiment binaries' run() on their quick configs, and the CIFAR configs end to end on a
 tiny archive written in the real CIFAR python-pickle format."""
 
+import dataclasses
+import importlib.util
 import json
 import os
 
@@ -10,7 +12,8 @@ from experiments import grow as grow_exp
 from experiments import train as train_exp
 from experiments.configs import grow as grow_cfg
 from experiments.configs import train as train_cfg
-from growjax import data, train
+from growjax import data, grow, train
+from growjax.grow import candidates as C
 
 
 def test_train_quick(tmp_path):
@@ -43,6 +46,24 @@ def test_grow_quick_writes_table_plot_checkpoint(tmp_path):
       optax.adamw(3e-3, weight_decay=0.0))
   assert train.num_params(state) == summary["final_params"]
   assert [h["op"] for h in history] == ["add_units"] * len(history) and history
+
+
+def test_digits_search_config_is_the_benchmark_search_variant():
+  """``grow.py:digits_search`` is documented as one seed of benchmarks/growth_quality.py's
+  growth search (variant gn_units_random_fan_in at the 20k budget); its growth settings,
+  schedule, training and width sweep must stay those of the benchmark."""
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "growth_quality.py")
+  spec = importlib.util.spec_from_file_location("growth_quality", path)
+  gq = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gq)
+  c = grow_cfg.get_config("digits_search")
+  # LearnConfig.damping is not read by the search (it passes its adapted λ).
+  ours = grow_exp.grow_config(c.grow)
+  ours = dataclasses.replace(ours, learn=ours.learn._replace(damping=C.LearnConfig().damping))
+  assert ours == gq.search_grow_config("gn_units_random_fan_in")
+  assert grow.Schedule(**dict(c.schedule)) == gq.search_schedule(max_params=20000)
+  assert (c.steps, c.batch_size, c.optim.name, c.optim.lr) == (gq.SEARCH_STEPS, 64, "adam", 3e-3)
+  assert tuple(c.model.widths) == (8, 8) and c.baselines.widths == gq.SEARCH_WIDTHS
 
 
 @pytest.mark.slow
