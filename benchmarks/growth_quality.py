@@ -600,19 +600,23 @@ def search_summary(per_seed: dict, fixed_runs: dict):
 
 
 def merge_search(paths: Sequence[str]) -> dict:
-  """One report from growth-search runs on disjoint seeds (same settings)."""
+  """One report from growth-search runs on disjoint seeds (same settings), on the methods every
+  run holds (the others are dropped and listed in the summary's ``dropped_methods``)."""
   reports = []
   for path in paths:
     with open(path, encoding="utf-8") as f:
       reports.append(json.load(f))
-  keys = ("val_patience", "budget_frac", "max_params", "resplit", "damping", "search_methods")
-  for r in reports:  # runs from before --search_methods: the methods they hold
-    r["search"]["summary"].setdefault("search_methods", ",".join(r["search"]["methods"]))
+  keys = ("val_patience", "budget_frac", "max_params", "resplit", "damping")
   settings = {tuple(r["search"]["summary"].get(k) for k in keys) for r in reports}
   if len(settings) != 1:
     raise ValueError(f"--merge_search needs runs with the same settings {keys}; got {settings}.")
+  held = [list(r["search"]["methods"]) for r in reports]
+  methods = [m for m in held[0] if all(m in h for h in held)]
+  if not methods:
+    raise ValueError(f"--merge_search: the runs have no growth method in common; they hold {held}.")
+  dropped = sorted({m for h in held for m in h} - set(methods))
   per_seed = {m: [run for r in reports for run in r["search"]["methods"][m]["runs"]]
-              for m in reports[0]["search"]["methods"]}
+              for m in methods}
   fixed_runs = {}
   for r in reports:
     for f in r["search"]["fixed"]:
@@ -621,7 +625,8 @@ def merge_search(paths: Sequence[str]) -> dict:
   if len(set(seeds)) != len(seeds):
     raise ValueError(f"--merge_search needs disjoint seeds; got {sorted(seeds)}.")
   results, fixed, summary = search_summary(per_seed, fixed_runs)
-  summary.update(dict(zip(keys, settings.pop())))
+  summary.update(dict(zip(keys, settings.pop())), search_methods=",".join(methods),
+                 dropped_methods=dropped)
   return {"config": reports[0]["config"], "merged_from": list(paths),
           "seconds": sum(r.get("seconds", 0.0) for r in reports),
           "search": {"methods": results, "fixed": fixed, "summary": summary}}
@@ -643,7 +648,8 @@ def main():
                       "runs on disjoint seeds are combined with --merge_search)")
   p.add_argument("--merge_search", default="",
                  help="comma-separated results JSONs of growth-search runs on disjoint seeds: "
-                      "recompute the search summary over all their seeds into --out (no training)")
+                      "recompute the search summary over all their seeds, on the growth methods "
+                      "every run holds, into --out (no training)")
   p.add_argument("--search_budget_frac", type=float, default=SEARCH_BUDGET_FRAC,
                  help="growth search: GrowConfig.round_budget_frac of every method")
   p.add_argument("--search_max_params", type=int, default=SEARCH_MAX_PARAMS,
