@@ -488,7 +488,7 @@ def search_part(steps: int, quick: bool, seeds: Sequence[int], val_patience: int
   """Part 3: growth loops under the same training budget, and a fixed-size width sweep, over
   ``seeds`` seeds (initialisation and growth randomness; with ``resplit`` also the stratified
   train/val/test split, else split 0 for every seed). Single runs differ by ±0.015 in validation
-  accuracy (the validation split has 270 examples), so methods are compared on seed means and
+  accuracy (the validation split has 269 examples), so methods are compared on seed means and
   on per-seed paired differences. Every growth method runs under the same schedule,
   ``val_patience`` (the validation stopping rule) included: a round every ``steps // 13`` steps
   may add ``budget_frac`` of the network's parameters (up to 8 morphisms, a site may be chosen
