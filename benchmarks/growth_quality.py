@@ -31,6 +31,9 @@ Parts (all in one run, results in ``benchmarks/results/growth_quality.json``):
    width sweep (8-8 … 128-128) trained for the same steps, and each grown network's final
    architecture trained from scratch for the same steps; seeds draw their own data splits, and
    disjoint seed lists run in separate processes are combined with ``--merge_search``.
+   ``--search_methods`` picks variants of ``SEARCH_VARIANTS`` (e.g. ``gn_units_random_fan_in``:
+   GN ranked per added unit with random fan-in), ``--search_max_params`` the budget (the 20k
+   records: ``results/growth_search_20k*.json``).
 
 Timings are warm (every function compiled before timing; compilation reported separately) and
 interleaved (GN and oracle calls alternate), medians over repetitions.
